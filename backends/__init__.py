@@ -1,0 +1,1 @@
+"""Backends: turn an IR graph into something a user runs (torch module, ONNX file, Numba module)."""

@@ -1,0 +1,3 @@
+"""Built-in op definitions; importing this package registers them all in the op table."""
+
+from compiler.ops import elementwise, nn, tensor  # noqa: F401

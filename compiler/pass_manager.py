@@ -1,0 +1,171 @@
+"""Passes and the pass manager: run each pass, verify the graph, compare its numbers with the graph it was
+given, and record a report row (params, MACs, weight bytes, seconds, deviation) per pass."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compiler.errors import OptionError, PassError, SlimgraphError
+from compiler.ir import Graph
+from compiler.report import Report, graph_stats
+
+
+class Pass:
+    """Base class of graph rewrites.
+
+    Subclasses are dataclasses whose fields are the pass's options; they set ``name`` (kebab-case,
+    used by :func:`register_pass`), ``exact`` (True when the rewrite preserves the graph's outputs
+    to float tolerance), and implement :meth:`run`. The contract: leave the graph verifiable.
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+
+    def run(self, graph: Graph) -> bool:
+        """Rewrite ``graph`` in place; return True when anything changed."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        try:
+            return {f.name: getattr(self, f.name) for f in fields(self)}
+        except TypeError:  # not a dataclass
+            return {}
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}({opts})" if opts else self.name
+
+
+PASSES: dict[str, type[Pass]] = {}
+PRESETS: dict[str, list[str]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its registered name."""
+    if not cls.name:
+        raise OptionError(f"pass class {cls.__name__} has no name", hint="set name = 'my-pass'")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def register_preset(name: str, passes: Sequence[str]) -> None:
+    """A named sequence of passes, usable wherever a pass name is."""
+    PRESETS[name] = list(passes)
+
+
+def _load_builtin_passes() -> None:
+    import passes  # noqa: F401  (registers the built-in passes and presets)
+
+
+def resolve_passes(specs: Iterable[str | Pass | type[Pass]]) -> list[Pass]:
+    """Turn pass names, presets, classes and instances into a flat list of pass instances."""
+    _load_builtin_passes()
+    out: list[Pass] = []
+    for spec in specs:
+        if isinstance(spec, Pass):
+            out.append(spec)
+        elif isinstance(spec, type) and issubclass(spec, Pass):
+            out.append(spec())
+        elif isinstance(spec, str) and spec in PRESETS:
+            out.extend(resolve_passes(PRESETS[spec]))
+        elif isinstance(spec, str) and spec in PASSES:
+            out.append(PASSES[spec]())
+        else:
+            known = sorted(PASSES) + sorted(f"{p} (preset)" for p in PRESETS)
+            raise OptionError(
+                f"unknown pass {spec!r}",
+                hint="use one of: " + ", ".join(known)
+                + "; or register your own with @register_pass",
+            )
+    return out
+
+
+def deviation(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """Max abs difference over all outputs, relative to the reference outputs' largest magnitude."""
+    worst = 0.0
+    for ref, out in zip(reference, outputs):
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(out, dtype=np.float64)
+        if ref.shape != out.shape:
+            return float("inf")
+        if ref.size == 0:
+            continue
+        scale = max(float(np.abs(ref).max()), 1e-12)
+        worst = max(worst, float(np.abs(ref - out).max()) / scale)
+    return worst
+
+
+@dataclass
+class PassManager:
+    """Runs passes with verification and numeric checking.
+
+    Attributes:
+        passes: pass instances, names or presets.
+        example_inputs: arrays the graph is run on to compare outputs before and after each pass;
+            None disables numeric checking.
+        tolerance: the largest relative deviation an exact pass may cause.
+        verify: run ``graph.verify()`` after each pass.
+        runner: function ``(graph, inputs) -> outputs`` used for checking (the reference interpreter).
+    """
+
+    passes: Sequence[str | Pass | type[Pass]] = ()
+    example_inputs: Sequence[np.ndarray] | None = None
+    tolerance: float = 1e-4
+    verify: bool = True
+    runner: Callable[[Graph, Sequence[np.ndarray]], list[np.ndarray]] | None = None
+    progress: Callable[[str], None] | None = None
+    report: Report = field(default_factory=Report)
+
+    def run(self, graph: Graph) -> Graph:
+        """Run every pass on ``graph`` in place and return it; rows go to ``self.report``."""
+        from compiler import interpreter
+
+        runner = self.runner or interpreter.run
+        instances = resolve_passes(self.passes)
+        if self.verify:
+            graph.verify()
+        reference = None
+        if self.example_inputs is not None:
+            reference = runner(graph, self.example_inputs)
+        if not self.report.rows:
+            self.report.add("input", graph_stats(graph), 0.0, 0.0, changed=False)
+        original = reference
+        for p in instances:
+            if self.progress:
+                self.progress(p.name)
+            start = time.perf_counter()
+            try:
+                changed = bool(p.run(graph))
+            except SlimgraphError as e:
+                raise type(e)(f"in pass '{p.name}': {e}") from e
+            except Exception as e:
+                raise PassError(f"pass '{p.name}' failed: {type(e).__name__}: {e}") from e
+            seconds = time.perf_counter() - start
+            if self.verify:
+                try:
+                    graph.verify()
+                except SlimgraphError as e:
+                    raise PassError(f"pass '{p.name}' left an invalid graph: {e}") from e
+            dev = 0.0
+            total = 0.0
+            if reference is not None and changed:
+                outputs = runner(graph, self.example_inputs)
+                dev = deviation(reference, outputs)
+                total = deviation(original, outputs)
+                if p.exact and not dev <= self.tolerance:
+                    raise PassError(
+                        f"pass '{p.name}' is exact but changed the outputs by {dev:.3g} "
+                        f"(relative; tolerance {self.tolerance:g})",
+                        hint="report this as a bug in the pass, or run with check=False to skip",
+                    )
+                reference = outputs
+            elif reference is not None:
+                total = self.report.rows[-1].total_deviation
+            self.report.add(str(p), graph_stats(graph), seconds, dev, changed=changed,
+                            total_deviation=total, exact=p.exact)
+        return graph

@@ -1,0 +1,91 @@
+"""Graph statistics (params, MACs, weight bytes) and the per-pass report table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from compiler.ir import Graph
+from compiler.op_table import get_op
+
+
+@dataclass
+class GraphStats:
+    params: int
+    macs: int
+    weight_bytes: int
+    nodes: int
+
+
+def graph_stats(graph: Graph) -> GraphStats:
+    """Parameters and bytes of every constant the graph reads, and the sum of per-node MACs."""
+    consts = graph.constants()
+    return GraphStats(
+        params=sum(c.numel for c in consts),
+        macs=sum(int(get_op(n.op).macs(n)) for n in graph.nodes),
+        weight_bytes=sum(c.nbytes for c in consts),
+        nodes=len(graph.nodes),
+    )
+
+
+@dataclass
+class ReportRow:
+    name: str
+    params: int
+    macs: int
+    weight_bytes: int
+    nodes: int
+    seconds: float
+    deviation: float
+    total_deviation: float
+    changed: bool
+    exact: bool
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P"
+
+
+@dataclass
+class Report:
+    """One row per pass (plus the input graph); ``str()`` gives a table, ``to_dict()`` the data."""
+
+    rows: list[ReportRow] = field(default_factory=list)
+
+    def add(self, name: str, stats: GraphStats, seconds: float, deviation: float, *,
+            changed: bool, total_deviation: float = 0.0, exact: bool = True) -> None:
+        self.rows.append(ReportRow(name, stats.params, stats.macs, stats.weight_bytes, stats.nodes,
+                                   seconds, deviation, total_deviation, changed, exact))
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) for r in self.rows]}
+
+    def __str__(self) -> str:
+        header = ("pass", "nodes", "params", "MACs", "weights", "seconds", "max dev", "total dev")
+        lines = [header]
+        for r in self.rows:
+            mark = "" if r.changed or r.name == "input" else " (no change)"
+            lines.append((
+                r.name + mark,
+                str(r.nodes),
+                _human(r.params),
+                _human(r.macs),
+                _human(r.weight_bytes) + "B",
+                f"{r.seconds:.3f}",
+                f"{r.deviation:.2e}",
+                f"{r.total_deviation:.2e}",
+            ))
+        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+        text = []
+        for k, row in enumerate(lines):
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            text.append("  ".join(cells))
+            if k == 0:
+                text.append("  ".join("-" * w for w in widths))
+        return "\n".join(text)
+
+    def _repr_html_(self) -> str:  # notebooks
+        return "<pre>" + str(self) + "</pre>"
