@@ -1,0 +1,171 @@
+"""The entry point: ``compile(model, example_inputs, passes=[...], backend=...)``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import InputError, OptionError
+from compiler.ir import Graph
+from compiler.pass_manager import Pass, PassManager
+from compiler.report import Report
+
+BACKENDS = ("torch", "onnx", "numba")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _backend_compiler(backend: str) -> Callable[[Graph], Any]:
+    if backend == "torch":
+        from backends.torch_backend import compile_torch
+
+        return compile_torch
+    if backend == "onnx":
+        from backends.onnx_backend import compile_onnx
+
+        return compile_onnx
+    if backend == "numba":
+        try:
+            from backends.numba_backend import compile_numba
+        except ImportError:
+            raise OptionError("the numba backend is not available yet",
+                              hint="use backend='torch' or backend='onnx'") from None
+        return compile_numba
+    raise OptionError(f"unknown backend {backend!r}", hint=f"use one of {BACKENDS}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CompiledModel:
+    """What :func:`compile` returns.
+
+    Attributes:
+        graph: the compressed IR graph.
+        report: per-pass statistics (params, MACs, weight bytes, seconds, max deviation).
+        backend: the backend's name.
+        artifact: the backend's object (a torch ``nn.Module``, an ``OnnxModel``, ...).
+    """
+
+    def __init__(self, graph: Graph, report: Report, backend: str, artifact: Any) -> None:
+        self.graph, self.report, self.backend, self.artifact = graph, report, backend, artifact
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Run on torch tensors or numpy arrays; returns the same kind (a tuple if several)."""
+        use_torch = any(hasattr(x, "detach") for x in inputs)
+        if self.backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                outs = self.artifact(*[torch.as_tensor(_to_numpy(x)) for x in inputs])
+            outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            outs = [o.numpy() for o in outs]
+        else:
+            from compiler.interpreter import check_inputs
+
+            outs = self.artifact.run(*check_inputs(self.graph, [_to_numpy(x) for x in inputs]))
+        if use_torch:
+            import torch
+
+            outs = [torch.from_numpy(np.asarray(o)) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the backend's artifact (``.pt`` module, ``.onnx`` file, ...) atomically."""
+        if hasattr(self.artifact, "save"):
+            self.artifact.save(path)
+        else:
+            import torch
+
+            atomic_write(path, lambda tmp: torch.save(self.artifact, tmp))
+
+    def to_torch(self):
+        """A trainable ``nn.Module`` of the compressed graph, for fine-tuning."""
+        from backends.torch_backend import compile_torch
+
+        return compile_torch(self.graph)
+
+    def __repr__(self) -> str:
+        return f"<CompiledModel backend={self.backend}>\n{self.report}"
+
+
+def compile(  # noqa: A001 - the entry point's name is part of the user's design
+    model: Any,
+    example_inputs: Sequence[Any] | Any = None,
+    passes: Sequence[str | Pass | type[Pass]] = (),
+    backend: str = "torch",
+    *,
+    check: bool = True,
+    tolerance: float = 1e-4,
+    progress: bool = False,
+) -> CompiledModel:
+    """Trace ``model``, run ``passes`` with verification and numeric checks, and emit ``backend``.
+
+    Args:
+        model: a ``torch.nn.Module`` (never modified) or an IR ``Graph`` (copied).
+        example_inputs: a tensor/array or a tuple of them; fixes the static input shapes and is
+            what each pass's output is compared on.
+        passes: pass names, presets (e.g. ``"fuse"``), pass classes or configured instances.
+        backend: ``"torch"``, ``"onnx"`` or ``"numba"``.
+        check: compare outputs before and after every pass (exact passes must match within
+            ``tolerance``; lossy passes record their deviation in the report).
+        tolerance: relative tolerance for exact passes.
+        progress: print a progress bar over the passes.
+
+    Returns:
+        A :class:`CompiledModel`.
+    """
+    _backend_compiler(backend)  # fail fast on a bad backend name
+    if isinstance(model, Graph):
+        graph = model.clone()
+    else:
+        if example_inputs is None:
+            raise InputError("compile() needs example_inputs to trace a torch model",
+                             hint="pass e.g. torch.randn(1, 3, 224, 224)")
+        from compiler.frontend import trace
+
+        graph = trace(model, example_inputs)
+    inputs = None
+    if check:
+        if example_inputs is None:
+            inputs = [np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)
+                      for v in graph.inputs]
+        else:
+            ex = example_inputs if isinstance(example_inputs, (list, tuple)) else [example_inputs]
+            inputs = [_to_numpy(x) for x in ex]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None, desc="passes", unit="pass")
+    manager = PassManager(passes=passes, example_inputs=inputs, tolerance=tolerance,
+                          progress=(lambda name: (bar.set_postfix_str(name), bar.update()))
+                          if bar else None)
+    try:
+        manager.run(graph)
+    finally:
+        if bar:
+            bar.close()
+    artifact = _backend_compiler(backend)(graph)
+    return CompiledModel(graph, manager.report, backend, artifact)

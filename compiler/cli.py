@@ -1,0 +1,103 @@
+"""The command line: ``slimgraph compress MODEL --passes fuse --emit onnx --out build/``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from compiler.errors import SlimgraphError
+
+EXTENSIONS = {"onnx": ".onnx", "torch": ".pt", "numba": ""}
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; write e.g. 1,3,224,224") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slimgraph", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="trace a model, run passes, print the report, emit")
+    c.add_argument("model", help="torchvision:NAME or package.module:factory")
+    c.add_argument("--passes", default="fuse",
+                   help="comma-separated pass names or presets (default: fuse)")
+    c.add_argument("--emit", default="onnx", choices=sorted(EXTENSIONS), help="backend")
+    c.add_argument("--out", default="build", help="output folder (default: build/)")
+    c.add_argument("--input-shape", type=_shape, default=None,
+                   help="example input shape, e.g. 1,3,224,224 (default: 1,3,224,224)")
+    c.add_argument("--no-check", action="store_true", help="skip the numeric check after passes")
+    c.add_argument("--json", action="store_true", help="also write the report as JSON")
+    c.add_argument("--print-ir", action="store_true", help="print the final IR")
+    p = sub.add_parser("passes", help="list the registered passes and presets")
+    p.set_defaults(command="passes")
+    o = sub.add_parser("ops", help="list the ops in the op table")
+    o.set_defaults(command="ops")
+    return ap
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from compiler.api import compile
+    from compiler.zoo import load_model
+
+    model = load_model(args.model)
+    shape = args.input_shape or (1, 3, 224, 224)
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    passes = [p for p in args.passes.split(",") if p]
+    compiled = compile(model, example, passes=passes, backend=args.emit, check=not args.no_check,
+                       progress=sys.stderr.isatty())
+    print(compiled.report)
+    if args.print_ir:
+        print(compiled.graph)
+    name = args.model.split(":")[-1]
+    path = os.path.join(args.out, name + EXTENSIONS[args.emit])
+    compiled.save(path)
+    print(f"wrote {path}")
+    if args.json:
+        with open(os.path.join(args.out, name + ".report.json"), "w") as f:
+            json.dump(compiled.report.to_dict(), f, indent=1)
+    return 0
+
+
+def _list_passes() -> int:
+    from compiler.pass_manager import PASSES, PRESETS, _load_builtin_passes
+
+    _load_builtin_passes()
+    for name, cls in sorted(PASSES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:24s} {'exact' if cls.exact else 'lossy'}  {doc[0] if doc else ''}")
+    for name, seq in sorted(PRESETS.items()):
+        print(f"{name:24s} preset: {', '.join(seq)}")
+    return 0
+
+
+def _list_ops() -> int:
+    from compiler.op_table import OPS, get_op
+
+    get_op("relu")
+    for name, op in sorted(OPS.items()):
+        print(f"{name:22s} {op.doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compress":
+            return _compress(args)
+        if args.command == "passes":
+            return _list_passes()
+        return _list_ops()
+    except SlimgraphError as e:
+        print(f"slimgraph: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

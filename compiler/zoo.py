@@ -1,0 +1,70 @@
+"""The torchvision model zoo as test and benchmark material: model names, the smallest input each
+architecture accepts (to keep checks fast), and loading a model by a ``torchvision:NAME`` or
+``package.module:factory`` spec."""
+
+from __future__ import annotations
+
+import importlib
+
+from compiler.errors import OptionError
+
+# Architectures whose input size is fixed or bounded below; every other model runs at 64x64.
+INPUT_SIZES = {
+    "inception_v3": 80,  # its stem needs at least 75 pixels
+    "maxvit_t": 224,  # window partitioning fixes the size
+    "vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "vit_h_14": 224,
+}
+DEFAULT_SIZE = 64
+
+
+def zoo_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def input_size(name: str) -> int:
+    return INPUT_SIZES.get(name, DEFAULT_SIZE)
+
+
+def build(name: str, seed: int = 0):
+    """A torchvision classifier with random (seeded) weights, in eval mode."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    if name == "googlenet":
+        kwargs["aux_logits"] = False
+    if name == "inception_v3":
+        kwargs["aux_logits"] = False
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+
+
+def load_model(spec: str):
+    """Load ``torchvision:NAME`` or ``package.module:factory`` (a callable returning a module)."""
+    if ":" not in spec:
+        raise OptionError(
+            f"model spec {spec!r} has no ':'",
+            hint="write torchvision:resnet18 or package.module:factory",
+        )
+    where, what = spec.split(":", 1)
+    if where == "torchvision":
+        if what not in zoo_names():
+            raise OptionError(f"torchvision has no classifier named {what!r}",
+                              hint="see torchvision.models.list_models()")
+        return build(what)
+    try:
+        module = importlib.import_module(where)
+    except ImportError as e:
+        raise OptionError(f"cannot import module {where!r}: {e}",
+                          hint="make sure it is on PYTHONPATH (run from its folder)") from e
+    factory = getattr(module, what, None)
+    if factory is None:
+        raise OptionError(f"module {where!r} has no attribute {what!r}")
+    import torch
+
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
