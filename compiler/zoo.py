@@ -68,3 +68,58 @@ def load_model(spec: str):
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def check_model(name: str, checks: tuple[str, ...] = ("interpreter", "torch", "onnx"),
+                passes: tuple = ("fuse",), tolerance: float = 1e-4) -> dict:
+    """Import one zoo model, run ``passes`` and compare each backend with torch eager.
+
+    Returns a dict with ``imported``, ``fused`` and one boolean per check, the deviations
+    (relative to the output's scale), seconds and the first error met.
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    from compiler.api import compile
+    from compiler.interpreter import run
+    from compiler.pass_manager import deviation
+
+    result: dict = {"model": name, "imported": False, "fused": False, "deviation": {}}
+    start = time.perf_counter()
+    try:
+        model = build(name)
+        size = input_size(name)
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            reference = [model(x).numpy()]
+        compiled = compile(model, x, passes=[], backend="torch", check=False)
+        result["imported"] = True
+        compiled = compile(compiled.graph, x, passes=list(passes), backend="torch",
+                           tolerance=tolerance)
+        result["fused"] = True
+        result["nodes"] = len(compiled.graph.nodes)
+        graph = compiled.graph
+        for check in checks:
+            if check == "interpreter":
+                outs = run(graph, [x.numpy()])
+            elif check == "torch":
+                outs = [compiled(x).numpy()]
+            elif check == "onnx":
+                from backends.onnx_backend import compile_onnx
+
+                outs = compile_onnx(graph).run(x.numpy())
+            elif check == "numba":
+                from backends.numba_backend import compile_numba
+
+                outs = compile_numba(graph).run(x.numpy())
+            else:
+                raise ValueError(f"unknown check {check!r}")
+            dev = deviation(reference, [np.asarray(o) for o in outs])
+            result["deviation"][check] = dev
+            result[check] = bool(dev <= tolerance)
+    except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
+        result["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    result["seconds"] = time.perf_counter() - start
+    return result

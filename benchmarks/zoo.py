@@ -1,0 +1,78 @@
+"""Run every torchvision classifier through slimgraph and print one `N/80 <check>` line per check.
+
+    python benchmarks/zoo.py                       # all 80 models, all checks, 2 workers
+    python benchmarks/zoo.py --models resnet18,vit_b_16 --checks interpreter,onnx
+
+Each model runs in its own worker process (memory is returned after each model). Models use random
+weights and the smallest input size the architecture accepts (compiler/zoo.py). Results also go to
+`--json` (default build/zoo.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from compiler.zoo import check_model, zoo_names  # noqa: E402
+
+# the largest models, spread over the run so that two never share the machine's memory
+HEAVY = ("vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="", help="comma-separated subset (default: all 80)")
+    ap.add_argument("--checks", default="interpreter,torch,onnx")
+    ap.add_argument("--passes", default="fuse")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", default="build/zoo.json")
+    args = ap.parse_args()
+    names = [m for m in args.models.split(",") if m] or zoo_names()
+    light = [n for n in names if n not in HEAVY]
+    heavy = [n for n in names if n in HEAVY]
+    order = []
+    for i, n in enumerate(light):
+        order.append(n)
+        if heavy and i % max(1, len(light) // (len(heavy) + 1)) == 0 and i:
+            order.append(heavy.pop())
+    order += heavy
+    checks = tuple(c for c in args.checks.split(",") if c)
+    passes = tuple(p for p in args.passes.split(",") if p)
+    from tqdm import tqdm
+
+    results = []
+    start = time.perf_counter()
+    with cf.ProcessPoolExecutor(args.workers, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(check_model, n, checks, passes): n for n in order}
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="zoo", file=sys.stderr):
+            try:
+                r = fut.result()
+            except Exception as e:  # a worker died (out of memory, crash)
+                r = {"model": futures[fut], "error": f"worker died: {e}", "deviation": {}}
+            results.append(r)
+            if "error" in r:
+                tqdm.write(f"{r['model']}: {r['error'][:300]}", file=sys.stderr)
+    results.sort(key=lambda r: r["model"])
+    total = len(results)
+    for key in ("imported", "fused", *checks):
+        ok = [r for r in results if r.get(key)]
+        devs = [r["deviation"][key] for r in ok if key in r.get("deviation", {})]
+        worst = f", worst deviation {max(devs):.1e}" if devs else ""
+        failed = sorted(r["model"] for r in results if not r.get(key))
+        tail = f"; failed: {', '.join(failed)}" if failed else ""
+        print(f"{len(ok)}/{total} {key}{worst}{tail}")
+    print(f"zoo: {total} models in {time.perf_counter() - start:.0f} s")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
