@@ -176,6 +176,9 @@ def sum_(x, *, axes, keepdims):
              macs=lambda n: numel(n.inputs[0].shape))
 def norm(x, *, axes, keepdims, ord):
     """vector p-norm over axes"""
+    if np.isinf(ord):
+        reduce = np.max if ord > 0 else np.min
+        return reduce(np.abs(x), axis=tuple(axes), keepdims=keepdims).astype(x.dtype)
     if ord == 2.0:
         return np.sqrt((x * x).sum(axis=tuple(axes), keepdims=keepdims)).astype(x.dtype)
     s = (np.abs(x) ** ord).sum(axis=tuple(axes), keepdims=keepdims)
