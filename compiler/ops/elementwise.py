@@ -87,7 +87,8 @@ def apply_activation(y: np.ndarray, name: str | None, attrs: dict | None) -> np.
     """Apply a fused epilogue activation (by op name) with the op table's reference."""
     if name is None:
         return y
-    return OPS[name].ref(y, **(attrs or {}))
+    # fill the op's defaults: a fused gelu or clip may carry activation_attrs=None
+    return OPS[name].ref(y, **OPS[name].complete_attrs(attrs or {}, name))
 
 
 # -- unary math ------------------------------------------------------------------------------------
