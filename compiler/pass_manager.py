@@ -36,8 +36,16 @@ class Pass:
         except TypeError:  # not a dataclass
             return {}
 
+    def changed_options(self) -> dict[str, Any]:
+        """Options that differ from their defaults (what a report needs to show)."""
+        try:
+            defaults = {f.name: f.default for f in fields(self)}
+        except TypeError:
+            return {}
+        return {k: v for k, v in self.options().items() if defaults.get(k) != v}
+
     def __str__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.changed_options().items())
         return f"{self.name}({opts})" if opts else self.name
 
 
