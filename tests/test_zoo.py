@@ -1,0 +1,28 @@
+"""A representative slice of the torchvision zoo (one model per architecture family) through the whole
+spine: import, fuse (checked after each pass), then the interpreter, the torch backend and ONNX Runtime
+against torch eager. The full 80 run in benchmarks/zoo.py (results in docs/benchmarks.md)."""
+
+import pytest
+
+from compiler.zoo import check_model, zoo_names
+
+FAMILIES = [
+    "alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
+    "googlenet", "inception_v3", "squeezenet1_0", "shufflenet_v2_x0_5", "mobilenet_v2",
+    "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s", "regnet_y_400mf",
+    "convnext_tiny", "swin_t", "swin_v2_t", "vit_b_32", "maxvit_t",
+]
+
+
+def test_families_are_zoo_models():
+    assert set(FAMILIES) <= set(zoo_names())
+    assert len(zoo_names()) == 80
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", FAMILIES)
+def test_zoo_model(name):
+    result = check_model(name, checks=("interpreter", "torch", "onnx"))
+    assert "error" not in result, result["error"]
+    for check in ("imported", "fused", "interpreter", "torch", "onnx"):
+        assert result[check], (check, result["deviation"])
