@@ -39,10 +39,21 @@ class Pass:
     def changed_options(self) -> dict[str, Any]:
         """Options that differ from their defaults (what a report needs to show)."""
         try:
-            defaults = {f.name: f.default for f in fields(self)}
+            shown = [f for f in fields(self) if f.repr]
         except TypeError:
             return {}
-        return {k: v for k, v in self.options().items() if defaults.get(k) != v}
+        out = {}
+        for f in shown:
+            value = getattr(self, f.name)
+            if value is f.default:
+                continue
+            try:
+                if bool(value == f.default):
+                    continue
+            except (TypeError, ValueError):
+                pass
+            out[f.name] = getattr(value, "__name__", value) if callable(value) else value
+        return out
 
     def __str__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.changed_options().items())
@@ -87,7 +98,8 @@ def resolve_passes(specs: Iterable[str | Pass | type[Pass]]) -> list[Pass]:
             known = sorted(PASSES) + sorted(f"{p} (preset)" for p in PRESETS)
             raise OptionError(
                 f"unknown pass {spec!r}",
-                hint="use one of: " + ", ".join(known)
+                hint="use one of: "
+                + ", ".join(known)
                 + "; or register your own with @register_pass",
             )
     return out
@@ -174,6 +186,13 @@ class PassManager:
                 reference = outputs
             elif reference is not None:
                 total = self.report.rows[-1].total_deviation
-            self.report.add(str(p), graph_stats(graph), seconds, dev, changed=changed,
-                            total_deviation=total, exact=p.exact)
+            self.report.add(
+                str(p),
+                graph_stats(graph),
+                seconds,
+                dev,
+                changed=changed,
+                total_deviation=total,
+                exact=p.exact,
+            )
         return graph
