@@ -1,0 +1,263 @@
+"""CPU latency of torch eager, ONNX Runtime and slimgraph's numba backend, side by side in one run.
+
+    python benchmarks/latency.py                                  # resnet18, mobilenet_v2, resnet56
+    python benchmarks/latency.py --models resnet18 --threads 1 --batches 1 --repeats 30
+
+For every model, batch and thread count the three backends run interleaved (one call each per
+round, so drift on a shared machine hits all three alike) and the medians are printed with their
+ratios. A peak SGEMM GFLOP/s is measured in the same process (the best of numpy's and torch's BLAS
+on a large square product) and each backend's achieved GFLOP/s is given as a fraction of it. The
+numba package is also saved and loaded in fresh processes: the first compiles the kernels (JIT),
+the second loads them from numba's cache. All models use random weights and the ``fuse`` preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import backends.numba_kernels  # noqa: E402,F401  (picks numba's threading layer before any launch)
+
+BACKENDS = ("torch", "ort", "numba")
+
+
+def build(name: str, size: int):
+    """(model, input size) for a torchvision name or ``resnet56`` (CIFAR, 32x32); None if absent."""
+    if name == "resnet56":
+        try:
+            from compiler.cifar import cifar_resnet
+        except ImportError:
+            return None
+        torch.manual_seed(0)
+        return cifar_resnet(56).eval(), 32
+    from compiler.zoo import build as build_zoo
+
+    return build_zoo(name), size
+
+
+def blas_threads(n: int) -> None:
+    """Set every BLAS in the process to ``n`` threads (torch's MKL, numpy's OpenBLAS)."""
+    import ctypes
+    import glob
+
+    torch.set_num_threads(n)
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in glob.glob(os.path.join(libs, "libscipy_openblas*.so*")):
+        lib = ctypes.CDLL(path)
+        for fn in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            if hasattr(lib, fn):
+                getattr(lib, fn)(n)
+
+
+def peak_sgemm(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of numpy's and torch's matmul on n x n matrices."""
+    blas_threads(threads)
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    best = 0.0
+    ta = torch.from_numpy(a)
+    for mm in (lambda: a @ a, lambda: torch.mm(ta, ta)):
+        mm()
+        t = min(timed(mm) for _ in range(repeats))
+        best = max(best, 2 * n**3 / t / 1e9)
+    return best
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ort_session(graph, threads: int):
+    import onnxruntime as ort
+
+    from backends.onnx_backend import emit_onnx
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    model = emit_onnx(graph).SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def runners(model, graph, numba_model, x: torch.Tensor, threads: int) -> dict:
+    """One zero-argument callable per backend, for ``threads`` threads."""
+    session = ort_session(graph, threads)
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    xn = x.numpy()
+
+    def run_torch():
+        with torch.inference_mode():
+            model(x)
+
+    return {
+        "torch": run_torch,
+        "ort": lambda: session.run(None, feed),
+        "numba": lambda: numba_model.run(xn),
+    }
+
+
+def measure(fns: dict, threads: int, repeats: int) -> dict[str, float]:
+    """Median seconds per backend, calls interleaved round by round after two warm-up rounds."""
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats + 2):
+        for name, fn in fns.items():
+            t = timed(fn)
+            if i >= 2:
+                times[name].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import sys, time
+    start = time.perf_counter()
+    sys.path.insert(0, {parent!r})
+    import numpy as np
+    import {name} as pkg
+    m = pkg.load()
+    m.run(np.zeros({shape!r}, "float32"))
+    print(time.perf_counter() - start)
+""")
+
+
+def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Seconds to import, load and run a saved package in a fresh process: first (JIT compile of
+    the package's kernels) and second (kernels from numba's cache)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = numba_model.save(os.path.join(tmp, "bench_pkg"))
+        script = LOAD_SCRIPT.format(parent=tmp, name=path.name, shape=shape)
+        times = []
+        for _ in range(2):
+            done = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, check=True
+            )
+            times.append(float(done.stdout.split()[-1]))
+    return times[0], times[1]
+
+
+def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
+    """Rows (one per batch and thread count) for one model; [] when it has no definition."""
+    import compiler
+    from backends.numba_backend import compile_numba
+    from compiler.report import graph_stats
+
+    built = build(name, args.size)
+    if built is None:
+        print(f"{name}: skipped, no definition in this repository", flush=True)
+        return []
+    model, size = built
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        graph = compiler.compile(model, x, passes=["fuse"], backend="torch", check=False).graph
+        gflop = 2 * graph_stats(graph).macs / 1e9
+        start = time.perf_counter()
+        numba_model = compile_numba(graph)
+        numba_model.run(x.numpy())
+        warm_compile = time.perf_counter() - start
+        jit, cached = (
+            load_times(numba_model, tuple(x.shape))
+            if batch == args.batches[0]
+            else (float("nan"), float("nan"))
+        )
+        for threads in args.threads:
+            fns = runners(model, graph, numba_model, x, threads)
+            med = measure(fns, threads, args.repeats)
+            row = {
+                "model": name,
+                "batch": batch,
+                "threads": threads,
+                "gflop": gflop,
+                "peak": peaks[threads],
+                "jit": jit,
+                "cached": cached,
+                "compile": warm_compile,
+                **{k: v * 1e3 for k, v in med.items()},
+            }
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'model':<13}{'b':>3}{'thr':>4}{'torch ms':>10}{'ort ms':>9}{'numba ms':>10}"
+    f"{'nb/torch':>9}{'nb/ort':>8}   {'% of peak SGEMM: torch/ort/numba':<34}"
+)
+
+
+def format_row(r: dict) -> str:
+    frac = "/".join(f"{100 * r['gflop'] / (r[k] / 1e3) / r['peak']:.0f}" for k in BACKENDS)
+    return (
+        f"{r['model']:<13}{r['batch']:>3}{r['threads']:>4}{r['torch']:>10.2f}{r['ort']:>9.2f}"
+        f"{r['numba']:>10.2f}{r['numba'] / r['torch']:>9.2f}{r['numba'] / r['ort']:>8.2f}"
+        f"   {frac:<34}"
+    )
+
+
+def summary(rows: list[dict]) -> str:
+    vs_ort = [r["numba"] / r["ort"] for r in rows]
+    vs_torch = [r["numba"] / r["torch"] for r in rows]
+    jit = [r["jit"] for r in rows if r["jit"] == r["jit"]]
+    cached = [r["cached"] for r in rows if r["cached"] == r["cached"]]
+    return (
+        f"summary: numba takes {statistics.median(vs_ort):.2f}x ORT's time "
+        f"({min(vs_ort):.2f}-{max(vs_ort):.2f}) and {statistics.median(vs_torch):.2f}x torch "
+        f"eager's ({min(vs_torch):.2f}-{max(vs_torch):.2f}) over {len(rows)} configurations; "
+        f"package load {statistics.median(jit):.1f} s with JIT, "
+        f"{statistics.median(cached):.1f} s cached"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,mobilenet_v2,resnet56")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--size", type=int, default=224, help="input size of torchvision models")
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    peaks = {t: peak_sgemm(t) for t in args.threads}
+    print("peak SGEMM GFLOP/s: " + ", ".join(f"{t} thread(s) {p:.0f}" for t, p in peaks.items()))
+    print(
+        f"numba threading layer: {numba.config.THREADING_LAYER}; times are medians of "
+        f"{args.repeats} interleaved calls"
+    )
+    print(HEADER)
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, args, peaks)
+    print(
+        "\nJIT = first load of the saved package in a fresh process (compiles the kernels); "
+        "cached = second load"
+    )
+    for r in rows:
+        if r["jit"] == r["jit"]:
+            print(
+                f"{r['model']:<13} batch {r['batch']}: {r['gflop']:.2f} GFLOP, in-process "
+                f"compile {r['compile']:.1f} s, package JIT {r['jit']:.1f} s, "
+                f"cached {r['cached']:.1f} s"
+            )
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
