@@ -36,8 +36,10 @@ def _backend_compiler(backend: str) -> Callable[[Graph], Any]:
         try:
             from backends.numba_backend import compile_numba
         except ImportError:
-            raise OptionError("the numba backend is not available yet",
-                              hint="use backend='torch' or backend='onnx'") from None
+            raise OptionError(
+                "the numba backend is not available yet",
+                hint="use backend='torch' or backend='onnx'",
+            ) from None
         return compile_numba
     raise OptionError(f"unknown backend {backend!r}", hint=f"use one of {BACKENDS}")
 
@@ -141,16 +143,20 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
         graph = model.clone()
     else:
         if example_inputs is None:
-            raise InputError("compile() needs example_inputs to trace a torch model",
-                             hint="pass e.g. torch.randn(1, 3, 224, 224)")
+            raise InputError(
+                "compile() needs example_inputs to trace a torch model",
+                hint="pass e.g. torch.randn(1, 3, 224, 224)",
+            )
         from compiler.frontend import trace
 
         graph = trace(model, example_inputs)
     inputs = None
     if check:
         if example_inputs is None:
-            inputs = [np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)
-                      for v in graph.inputs]
+            inputs = [
+                np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)
+                for v in graph.inputs
+            ]
         else:
             ex = example_inputs if isinstance(example_inputs, (list, tuple)) else [example_inputs]
             inputs = [_to_numpy(x) for x in ex]
@@ -159,9 +165,12 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
         from tqdm.auto import tqdm
 
         bar = tqdm(total=None, desc="passes", unit="pass")
-    manager = PassManager(passes=passes, example_inputs=inputs, tolerance=tolerance,
-                          progress=(lambda name: (bar.set_postfix_str(name), bar.update()))
-                          if bar else None)
+    manager = PassManager(
+        passes=passes,
+        example_inputs=inputs,
+        tolerance=tolerance,
+        progress=(lambda name: (bar.set_postfix_str(name), bar.update())) if bar else None,
+    )
     try:
         manager.run(graph)
     finally:

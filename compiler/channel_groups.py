@@ -299,12 +299,25 @@ class ChannelGroups:
             keep &= ~removed[labs]
         return np.flatnonzero(keep)
 
+    def sources(self, group: Group) -> list[str]:
+        """Module paths of the nodes whose parameters the group's channels live in."""
+        owner: dict[int, set[str]] = {}
+        for node in self.graph.nodes:
+            for v in node.inputs:
+                if v is not None and v.is_constant and node.source:
+                    owner.setdefault(id(v), set()).add(node.source)
+        found: set[str] = set()
+        for slot, _ in group.slots:
+            found |= owner.get(slot.key, set())
+        return sorted(found)
+
     def describe(self) -> str:
+        """A readable listing: one line per group with its size and the layers it spans."""
         lines = [f"{len(self.groups)} prunable groups, {len(self.components)} removable units"]
         for g in self.groups:
-            lines.append(
-                f"  group {g.id}: {len(g)} channels  [{g.name}]  spans {len(g.slots)} axes"
-            )
+            srcs = self.sources(g)
+            shown = ", ".join(srcs[:6]) + (f", ... ({len(srcs)} layers)" if len(srcs) > 6 else "")
+            lines.append(f"  group {g.id:3d}: {len(g):5d} units  {shown}")
         return "\n".join(lines)
 
 

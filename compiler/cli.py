@@ -24,15 +24,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="trace a model, run passes, print the report, emit")
     c.add_argument("model", help="torchvision:NAME or package.module:factory")
-    c.add_argument("--passes", default="fuse",
-                   help="comma-separated pass names or presets (default: fuse)")
+    c.add_argument(
+        "--passes", default="fuse", help="comma-separated pass names or presets (default: fuse)"
+    )
     c.add_argument("--emit", default="onnx", choices=sorted(EXTENSIONS), help="backend")
     c.add_argument("--out", default="build", help="output folder (default: build/)")
-    c.add_argument("--input-shape", type=_shape, default=None,
-                   help="example input shape, e.g. 1,3,224,224 (default: 1,3,224,224)")
+    c.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="example input shape, e.g. 1,3,224,224 (default: 1,3,224,224)",
+    )
     c.add_argument("--no-check", action="store_true", help="skip the numeric check after passes")
     c.add_argument("--json", action="store_true", help="also write the report as JSON")
     c.add_argument("--print-ir", action="store_true", help="print the final IR")
+    g = sub.add_parser("groups", help="print the prunable channel groups of a model")
+    g.add_argument("model", help="torchvision:NAME or package.module:factory")
+    g.add_argument("--input-shape", type=_shape, default=None)
+    g.add_argument("--no-fuse", action="store_true", help="analyse the graph before fusion")
     p = sub.add_parser("passes", help="list the registered passes and presets")
     p.set_defaults(command="passes")
     o = sub.add_parser("ops", help="list the ops in the op table")
@@ -50,8 +59,14 @@ def _compress(args: argparse.Namespace) -> int:
     shape = args.input_shape or (1, 3, 224, 224)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     passes = [p for p in args.passes.split(",") if p]
-    compiled = compile(model, example, passes=passes, backend=args.emit, check=not args.no_check,
-                       progress=sys.stderr.isatty())
+    compiled = compile(
+        model,
+        example,
+        passes=passes,
+        backend=args.emit,
+        check=not args.no_check,
+        progress=sys.stderr.isatty(),
+    )
     print(compiled.report)
     if args.print_ir:
         print(compiled.graph)
@@ -62,6 +77,20 @@ def _compress(args: argparse.Namespace) -> int:
     if args.json:
         with open(os.path.join(args.out, name + ".report.json"), "w") as f:
             json.dump(compiled.report.to_dict(), f, indent=1)
+    return 0
+
+
+def _groups(args: argparse.Namespace) -> int:
+    import torch
+
+    from compiler.api import compile
+    from compiler.channel_groups import ChannelGroups
+    from compiler.zoo import load_model
+
+    model = load_model(args.model)
+    example = torch.randn(*(args.input_shape or (1, 3, 224, 224)))
+    graph = compile(model, example, passes=[] if args.no_fuse else ["fuse"], check=False).graph
+    print(ChannelGroups(graph).describe())
     return 0
 
 
@@ -91,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compress":
             return _compress(args)
+        if args.command == "groups":
+            return _groups(args)
         if args.command == "passes":
             return _list_passes()
         return _list_ops()

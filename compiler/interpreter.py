@@ -44,7 +44,9 @@ def check_inputs(graph: Graph, arrays: Sequence[np.ndarray]) -> list[np.ndarray]
     return out
 
 
-def run(graph: Graph, inputs: Sequence[np.ndarray], *, keep: Sequence[Value] = ()) -> list[np.ndarray]:
+def run(
+    graph: Graph, inputs: Sequence[np.ndarray], *, keep: Sequence[Value] = ()
+) -> list[np.ndarray]:
     """Run ``graph`` on numpy ``inputs`` and return its outputs.
 
     Args:
@@ -52,7 +54,9 @@ def run(graph: Graph, inputs: Sequence[np.ndarray], *, keep: Sequence[Value] = (
         inputs: one array per graph input.
         keep: extra values whose arrays to return after the outputs (e.g. for calibration).
     """
-    env: dict[int, np.ndarray] = {id(v): a for v, a in zip(graph.inputs, check_inputs(graph, inputs))}
+    env: dict[int, np.ndarray] = {
+        id(v): a for v, a in zip(graph.inputs, check_inputs(graph, inputs))
+    }
     wanted = {id(v) for v in graph.outputs} | {id(v) for v in keep}
     last_use: dict[int, int] = {}
     for i, node in enumerate(graph.nodes):

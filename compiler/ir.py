@@ -183,7 +183,9 @@ class Graph:
         from compiler.op_table import get_op
 
         opdef = get_op(op)
-        node = Node(op, self.unique_name(name or op, node=True), opdef.complete_attrs(attrs or {}, op))
+        node = Node(
+            op, self.unique_name(name or op, node=True), opdef.complete_attrs(attrs or {}, op)
+        )
         node.meta.update(meta or {})
         node.set_inputs(inputs)
         types = opdef.infer(node)

@@ -42,7 +42,9 @@ def format_graph(graph: Graph, *, show_source: bool = False) -> str:
     for node in graph.nodes:
         outs = ", ".join(f"%{v.name}: {v.type_str()}" for v in node.outputs)
         args = ", ".join(_ref(v) for v in node.inputs)
-        attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items()) if v is not None)
+        attrs = ", ".join(
+            f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items()) if v is not None
+        )
         line = f"  {outs} = {node.op}({args})"
         if attrs:
             line += f" {{{attrs}}}"

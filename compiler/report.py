@@ -55,10 +55,31 @@ class Report:
 
     rows: list[ReportRow] = field(default_factory=list)
 
-    def add(self, name: str, stats: GraphStats, seconds: float, deviation: float, *,
-            changed: bool, total_deviation: float = 0.0, exact: bool = True) -> None:
-        self.rows.append(ReportRow(name, stats.params, stats.macs, stats.weight_bytes, stats.nodes,
-                                   seconds, deviation, total_deviation, changed, exact))
+    def add(
+        self,
+        name: str,
+        stats: GraphStats,
+        seconds: float,
+        deviation: float,
+        *,
+        changed: bool,
+        total_deviation: float = 0.0,
+        exact: bool = True,
+    ) -> None:
+        self.rows.append(
+            ReportRow(
+                name,
+                stats.params,
+                stats.macs,
+                stats.weight_bytes,
+                stats.nodes,
+                seconds,
+                deviation,
+                total_deviation,
+                changed,
+                exact,
+            )
+        )
 
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows]}
@@ -68,16 +89,18 @@ class Report:
         lines = [header]
         for r in self.rows:
             mark = "" if r.changed or r.name == "input" else " (no change)"
-            lines.append((
-                r.name + mark,
-                str(r.nodes),
-                _human(r.params),
-                _human(r.macs),
-                _human(r.weight_bytes) + "B",
-                f"{r.seconds:.3f}",
-                f"{r.deviation:.2e}",
-                f"{r.total_deviation:.2e}",
-            ))
+            lines.append(
+                (
+                    r.name + mark,
+                    str(r.nodes),
+                    _human(r.params),
+                    _human(r.macs),
+                    _human(r.weight_bytes) + "B",
+                    f"{r.seconds:.3f}",
+                    f"{r.deviation:.2e}",
+                    f"{r.total_deviation:.2e}",
+                )
+            )
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         text = []
         for k, row in enumerate(lines):

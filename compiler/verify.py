@@ -40,8 +40,11 @@ def verify(graph: Graph) -> None:
             if (node, i) not in value.uses:
                 _fail(f"input {i} '{value.name}' lacks the matching use-list entry", node)
             if not value.is_constant and id(value) not in defined:
-                _fail(f"input {i} '{value.name}' is used before it is defined", node,
-                      "keep graph.nodes in topological order (insert with before=/after=)")
+                _fail(
+                    f"input {i} '{value.name}' is used before it is defined",
+                    node,
+                    "keep graph.nodes in topological order (insert with before=/after=)",
+                )
             if value.is_constant and tuple(value.data.shape) != value.shape:
                 _fail(f"constant '{value.name}' shape {value.shape} != data {value.data.shape}")
         for key in opdef.required_attrs():

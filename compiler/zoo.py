@@ -12,7 +12,11 @@ from compiler.errors import OptionError
 INPUT_SIZES = {
     "inception_v3": 80,  # its stem needs at least 75 pixels
     "maxvit_t": 224,  # window partitioning fixes the size
-    "vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "vit_h_14": 224,
+    "vit_b_16": 224,
+    "vit_b_32": 224,
+    "vit_l_16": 224,
+    "vit_l_32": 224,
+    "vit_h_14": 224,
 }
 DEFAULT_SIZE = 64
 
@@ -51,14 +55,18 @@ def load_model(spec: str):
     where, what = spec.split(":", 1)
     if where == "torchvision":
         if what not in zoo_names():
-            raise OptionError(f"torchvision has no classifier named {what!r}",
-                              hint="see torchvision.models.list_models()")
+            raise OptionError(
+                f"torchvision has no classifier named {what!r}",
+                hint="see torchvision.models.list_models()",
+            )
         return build(what)
     try:
         module = importlib.import_module(where)
     except ImportError as e:
-        raise OptionError(f"cannot import module {where!r}: {e}",
-                          hint="make sure it is on PYTHONPATH (run from its folder)") from e
+        raise OptionError(
+            f"cannot import module {where!r}: {e}",
+            hint="make sure it is on PYTHONPATH (run from its folder)",
+        ) from e
     factory = getattr(module, what, None)
     if factory is None:
         raise OptionError(f"module {where!r} has no attribute {what!r}")
@@ -70,8 +78,12 @@ def load_model(spec: str):
     return model
 
 
-def check_model(name: str, checks: tuple[str, ...] = ("interpreter", "torch", "onnx"),
-                passes: tuple = ("fuse",), tolerance: float = 1e-4) -> dict:
+def check_model(
+    name: str,
+    checks: tuple[str, ...] = ("interpreter", "torch", "onnx"),
+    passes: tuple = ("fuse",),
+    tolerance: float = 1e-4,
+) -> dict:
     """Import one zoo model, run ``passes`` and compare each backend with torch eager.
 
     Returns a dict with ``imported``, ``fused`` and one boolean per check, the deviations
@@ -96,8 +108,9 @@ def check_model(name: str, checks: tuple[str, ...] = ("interpreter", "torch", "o
             reference = [model(x).numpy()]
         compiled = compile(model, x, passes=[], backend="torch", check=False)
         result["imported"] = True
-        compiled = compile(compiled.graph, x, passes=list(passes), backend="torch",
-                           tolerance=tolerance)
+        compiled = compile(
+            compiled.graph, x, passes=list(passes), backend="torch", tolerance=tolerance
+        )
         result["fused"] = True
         result["nodes"] = len(compiled.graph.nodes)
         graph = compiled.graph
@@ -122,4 +135,63 @@ def check_model(name: str, checks: tuple[str, ...] = ("interpreter", "torch", "o
     except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
         result["error"] = f"{type(e).__name__}: {str(e)[:500]}"
     result["seconds"] = time.perf_counter() - start
+    return result
+
+
+PRUNE_CONFIGS = {
+    "uniform30": {"ratio": 0.3},
+    "uniform50": {"ratio": 0.5},
+    "global-macs50": {"target": 0.5, "scope": "global"},
+}
+
+
+def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) -> dict:
+    """Fuse one zoo model, then prune it with each config: record whether it pruned (graph verified,
+    output shape unchanged, fewer MACs), whether it matches its masked original (the pass's proof),
+    and whether torch and ONNX Runtime run it (matching the interpreter)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from backends.onnx_backend import compile_onnx
+    from backends.torch_backend import compile_torch
+    from compiler.api import compile
+    from compiler.interpreter import run
+    from compiler.pass_manager import PassManager, deviation
+    from compiler.report import graph_stats
+    from passes.pruning import PruneChannels
+
+    result: dict = {"model": name}
+    try:
+        model = build(name)
+        size = input_size(name)
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        fused = compile(model, x, passes=["fuse"], check=False).graph
+        base = graph_stats(fused)
+    except Exception as e:  # noqa: BLE001
+        result["error"] = f"import: {type(e).__name__}: {str(e)[:400]}"
+        return result
+    for config in configs:
+        start = time.perf_counter()
+        r: dict = {"pruned": False, "mask-equivalent": False, "runs": False}
+        try:
+            graph = fused.clone()
+            PassManager(passes=[PruneChannels(**PRUNE_CONFIGS[config])]).run(graph)
+            stats = graph_stats(graph)
+            r["macs"] = stats.macs / base.macs
+            r["params"] = stats.params / base.params
+            same_shape = [v.shape for v in graph.outputs] == [v.shape for v in fused.outputs]
+            r["pruned"] = bool(same_shape and stats.macs < base.macs)
+            dev = (graph.meta.get("pruning") or {}).get("mask_deviation")
+            r["mask-equivalent"] = dev is not None and dev <= 1e-4
+            ref = run(graph, [x.numpy()])
+            with torch.no_grad():
+                t_out = [compile_torch(graph)(x).numpy()]
+            o_out = compile_onnx(graph).run(x.numpy())
+            r["runs"] = bool(deviation(ref, t_out) <= 1e-4 and deviation(ref, o_out) <= 1e-4)
+        except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
+            r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        r["seconds"] = time.perf_counter() - start
+        result[config] = r
     return result

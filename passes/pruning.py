@@ -111,7 +111,7 @@ class PruneChannels(Pass):
         return True
 
     def _eligible(self, graph: Graph, analysis: ChannelGroups) -> list[Group]:
-        sources = _group_sources(graph, analysis)
+        sources = {g.id: set(analysis.sources(g)) for g in analysis.groups}
         groups = []
         matched: set[str] = set()
         for g in analysis.groups:
@@ -206,22 +206,6 @@ class PruneChannels(Pass):
             else:
                 lo = mid
         return best
-
-
-def _group_sources(graph: Graph, analysis: ChannelGroups) -> dict[int, set[str]]:
-    """Module paths of the nodes whose parameters each group touches."""
-    owner: dict[int, set[str]] = {}
-    for node in graph.nodes:
-        for v in node.inputs:
-            if v is not None and v.is_constant and node.source:
-                owner.setdefault(id(v), set()).add(node.source)
-    out = {}
-    for g in analysis.groups:
-        srcs: set[str] = set()
-        for slot, _ in g.slots:
-            srcs |= owner.get(slot.key, set())
-        out[g.id] = srcs
-    return out
 
 
 def _spans_residual(graph: Graph, analysis: ChannelGroups, group: Group) -> bool:

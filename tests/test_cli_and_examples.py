@@ -82,3 +82,10 @@ def test_example_quickstart(tmp_path):
 def test_example_custom_pass():
     compiled = load_example("custom_pass").main()
     assert compiled.report.rows[-1].name.startswith("round-weights")
+
+
+def test_cli_groups(capsys):
+    assert main(["groups", "torchvision:resnet18", "--input-shape", "1,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("12 prunable groups")
+    assert "layer1.0.conv1, layer1.0.conv2" in out

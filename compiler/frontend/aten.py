@@ -27,7 +27,8 @@ def register_aten(*targets: Any) -> Callable[[Converter], Converter]:
         for target in targets:
             overloads = (
                 [getattr(target, o) for o in target.overloads()]
-                if isinstance(target, torch._ops.OpOverloadPacket) else [target]
+                if isinstance(target, torch._ops.OpOverloadPacket)
+                else [target]
             )
             for overload in overloads:
                 CONVERTERS[overload] = fn
@@ -104,8 +105,14 @@ def conv2d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
             if any(v % 2 for v in k):
                 raise ValueError("padding='same' with an even kernel is not supported")
             padding = [v // 2 for v in k]
-    return ctx.emit("conv2d", [x, w, b], stride=pair(stride), padding=pair(padding),
-                    dilation=pair(dilation), groups=int(groups))
+    return ctx.emit(
+        "conv2d",
+        [x, w, b],
+        stride=pair(stride),
+        padding=pair(padding),
+        dilation=pair(dilation),
+        groups=int(groups),
+    )
 
 
 @register_aten(aten.linear.default)
@@ -147,18 +154,39 @@ def group_norm(ctx, x, groups, weight=None, bias=None, eps=1e-5, cudnn=True):
 
 @register_aten(aten.max_pool2d.default)
 def max_pool2d(ctx, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
-    return ctx.emit("max_pool2d", [x], kernel=pair(kernel), stride=pair(stride or kernel),
-                    padding=pair(padding), dilation=pair(dilation), ceil_mode=bool(ceil_mode))
+    return ctx.emit(
+        "max_pool2d",
+        [x],
+        kernel=pair(kernel),
+        stride=pair(stride or kernel),
+        padding=pair(padding),
+        dilation=pair(dilation),
+        ceil_mode=bool(ceil_mode),
+    )
 
 
 @register_aten(aten.avg_pool2d.default)
-def avg_pool2d(ctx, x, kernel, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None):
+def avg_pool2d(
+    ctx,
+    x,
+    kernel,
+    stride=(),
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
     if divisor_override is not None:
         raise ValueError("avg_pool2d with divisor_override is not supported")
-    return ctx.emit("avg_pool2d", [x], kernel=pair(kernel), stride=pair(stride or kernel),
-                    padding=pair(padding), ceil_mode=bool(ceil_mode),
-                    count_include_pad=bool(count_include_pad))
+    return ctx.emit(
+        "avg_pool2d",
+        [x],
+        kernel=pair(kernel),
+        stride=pair(stride or kernel),
+        padding=pair(padding),
+        ceil_mode=bool(ceil_mode),
+        count_include_pad=bool(count_include_pad),
+    )
 
 
 @register_aten(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
@@ -172,12 +200,17 @@ def adaptive_max_pool2d(ctx, x, output_size):
 
 
 @register_aten(aten.scaled_dot_product_attention.default)
-def sdpa(ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-         enable_gqa=False):
+def sdpa(
+    ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     if enable_gqa:
         raise ValueError("grouped-query attention (enable_gqa) is not supported")
-    return ctx.emit("attention", [q, k, v, attn_mask],
-                    scale=None if scale is None else float(scale), causal=bool(is_causal))
+    return ctx.emit(
+        "attention",
+        [q, k, v, attn_mask],
+        scale=None if scale is None else float(scale),
+        causal=bool(is_causal),
+    )
 
 
 @register_aten(aten.softmax.int, aten._softmax.default)
@@ -216,9 +249,17 @@ def _unary(op: str) -> Converter:
 
 
 for _op, _targets in {
-    "relu": [aten.relu], "sigmoid": [aten.sigmoid], "tanh": [aten.tanh], "silu": [aten.silu],
-    "hardswish": [aten.hardswish], "hardsigmoid": [aten.hardsigmoid], "exp": [aten.exp],
-    "sqrt": [aten.sqrt], "rsqrt": [aten.rsqrt], "neg": [aten.neg], "abs": [aten.abs],
+    "relu": [aten.relu],
+    "sigmoid": [aten.sigmoid],
+    "tanh": [aten.tanh],
+    "silu": [aten.silu],
+    "hardswish": [aten.hardswish],
+    "hardsigmoid": [aten.hardsigmoid],
+    "exp": [aten.exp],
+    "sqrt": [aten.sqrt],
+    "rsqrt": [aten.rsqrt],
+    "neg": [aten.neg],
+    "abs": [aten.abs],
     "log": [aten.log],
 }.items():
     register_aten(*_targets)(_unary(_op))
@@ -243,8 +284,12 @@ def relu6(ctx, x):
 def clamp(ctx, x, min=None, max=None):
     if ctx.fx_node.target == aten.clamp_max.default:
         min, max = None, min
-    return ctx.emit("clip", [x], min_val=None if min is None else float(min),
-                    max_val=None if max is None else float(max))
+    return ctx.emit(
+        "clip",
+        [x],
+        min_val=None if min is None else float(min),
+        max_val=None if max is None else float(max),
+    )
 
 
 def _binary(op: str) -> Converter:
@@ -261,13 +306,17 @@ def _binary(op: str) -> Converter:
 
 
 for _op, _targets in {
-    "add": [aten.add.Tensor, aten.add.Scalar], "sub": [aten.sub.Tensor, aten.sub.Scalar],
-    "mul": [aten.mul.Tensor, aten.mul.Scalar], "div": [aten.div.Tensor, aten.div.Scalar,
-                                                      aten.div.Tensor_mode],
+    "add": [aten.add.Tensor, aten.add.Scalar],
+    "sub": [aten.sub.Tensor, aten.sub.Scalar],
+    "mul": [aten.mul.Tensor, aten.mul.Scalar],
+    "div": [aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode],
     "pow": [aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor],
-    "maximum": [aten.maximum.default], "minimum": [aten.minimum.default],
-    "eq": [aten.eq.Scalar, aten.eq.Tensor], "ne": [aten.ne.Scalar, aten.ne.Tensor],
-    "lt": [aten.lt.Scalar, aten.lt.Tensor], "gt": [aten.gt.Scalar, aten.gt.Tensor],
+    "maximum": [aten.maximum.default],
+    "minimum": [aten.minimum.default],
+    "eq": [aten.eq.Scalar, aten.eq.Tensor],
+    "ne": [aten.ne.Scalar, aten.ne.Tensor],
+    "lt": [aten.lt.Scalar, aten.lt.Tensor],
+    "gt": [aten.gt.Scalar, aten.gt.Tensor],
 }.items():
     register_aten(*_targets)(_binary(_op))
 
@@ -298,8 +347,14 @@ def to_copy(ctx, x, dtype=None, **kwargs):
 
 
 @register_aten(
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-    aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
     aten.unsqueeze.default,
 )
 def reshape(ctx, x, *args):
@@ -324,8 +379,13 @@ def t(ctx, x):
     return ctx.emit("permute", [x], perm=tuple(reversed(range(len(x.shape)))))
 
 
-@register_aten(aten.clone.default, aten.alias.default, aten.contiguous.default,
-               aten.lift_fresh_copy.default, aten.detach.default)
+@register_aten(
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+    aten.lift_fresh_copy.default,
+    aten.detach.default,
+)
 def identity(ctx, x, *args, **kwargs):
     return ctx.emit("identity", [x], origin=ctx.fx_node.target.__name__.split(".")[0])
 
@@ -415,8 +475,12 @@ def pad(ctx, x, pad, mode="constant", value=None):
 def roll(ctx, x, shifts, dims=()):
     if not dims:
         raise ValueError("roll without dims (flattened roll) is not supported")
-    return ctx.emit("roll", [x], shifts=tuple(int(s) for s in shifts),
-                    axes=tuple(norm_axis(d, len(x.shape)) for d in dims))
+    return ctx.emit(
+        "roll",
+        [x],
+        shifts=tuple(int(s) for s in shifts),
+        axes=tuple(norm_axis(d, len(x.shape)) for d in dims),
+    )
 
 
 @register_aten(aten.index.Tensor)
@@ -455,22 +519,33 @@ def sum_(ctx, x, dim, keepdim=False, dtype=None):
 
 @register_aten(aten.linalg_vector_norm.default)
 def vector_norm(ctx, x, ord=2, dim=None, keepdim=False, dtype=None):
-    return ctx.emit("norm", [x], axes=_axes(dim, len(x.shape)), keepdims=bool(keepdim),
-                    ord=float(ord))
+    return ctx.emit(
+        "norm", [x], axes=_axes(dim, len(x.shape)), keepdims=bool(keepdim), ord=float(ord)
+    )
 
 
 # -- ops whose result depends only on shapes (static here, so constants) ------------------------
 
 
-@register_aten(aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
-               aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
-               aten.empty_like.default, aten.new_empty.default)
+@register_aten(
+    aten.full_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.empty_like.default,
+    aten.new_empty.default,
+)
 def shape_only(ctx, x, *args, **kwargs):
     fake = ctx.fx_node.meta["val"]
     target = ctx.fx_node.target
-    fill = {aten.full_like.default: args[0] if args else kwargs.get("fill_value"),
-            aten.new_full.default: args[1] if len(args) > 1 else kwargs.get("fill_value"),
-            aten.ones_like.default: 1, aten.new_ones.default: 1}.get(target, 0)
+    fill = {
+        aten.full_like.default: args[0] if args else kwargs.get("fill_value"),
+        aten.new_full.default: args[1] if len(args) > 1 else kwargs.get("fill_value"),
+        aten.ones_like.default: 1,
+        aten.new_ones.default: 1,
+    }.get(target, 0)
     array = np.full(tuple(fake.shape), fill, dtype=torch_dtype_name(fake.dtype))
     return ctx.graph.constant(array, ctx.fx_node.name)
 

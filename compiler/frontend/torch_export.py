@@ -24,23 +24,47 @@ aten = torch.ops.aten
 # High-level ops that torch's default decompositions would lower; we keep them because the IR has
 # direct equivalents (fewer, bigger nodes that passes and backends understand).
 PRESERVED_OPS = [
-    aten.conv2d.default, aten.linear.default, aten.layer_norm.default, aten.group_norm.default,
-    aten.scaled_dot_product_attention.default, aten.dropout.default, aten.flatten.using_ints,
-    aten.adaptive_avg_pool2d.default, aten.hardswish.default, aten.hardsigmoid.default,
-    aten.silu.default, aten.gelu.default, aten.hardtanh.default, aten.matmul.default,
-    aten.einsum.default, aten.softmax.int, aten.log_softmax.int, aten.max_pool2d.default,
-    aten.avg_pool2d.default, aten.pad.default, aten.chunk.default, aten.linalg_vector_norm.default,
-    aten.roll.default, aten.unflatten.int, aten.mean.dim, aten.expand_as.default,
-    aten.swapaxes.default, aten.reshape.default, aten.contiguous.default, aten.masked_fill.Scalar,
-    aten.relu6.default, aten.adaptive_max_pool2d.default,
+    aten.conv2d.default,
+    aten.linear.default,
+    aten.layer_norm.default,
+    aten.group_norm.default,
+    aten.scaled_dot_product_attention.default,
+    aten.dropout.default,
+    aten.flatten.using_ints,
+    aten.adaptive_avg_pool2d.default,
+    aten.hardswish.default,
+    aten.hardsigmoid.default,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.hardtanh.default,
+    aten.matmul.default,
+    aten.einsum.default,
+    aten.softmax.int,
+    aten.log_softmax.int,
+    aten.max_pool2d.default,
+    aten.avg_pool2d.default,
+    aten.pad.default,
+    aten.chunk.default,
+    aten.linalg_vector_norm.default,
+    aten.roll.default,
+    aten.unflatten.int,
+    aten.mean.dim,
+    aten.expand_as.default,
+    aten.swapaxes.default,
+    aten.reshape.default,
+    aten.contiguous.default,
+    aten.masked_fill.Scalar,
+    aten.relu6.default,
+    aten.adaptive_max_pool2d.default,
 ]
 
 
 def to_tensor_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
-    return tuple(torch.as_tensor(np.asarray(x)) if isinstance(x, np.ndarray) else x
-                 for x in example_inputs)
+    return tuple(
+        torch.as_tensor(np.asarray(x)) if isinstance(x, np.ndarray) else x for x in example_inputs
+    )
 
 
 @contextlib.contextmanager
@@ -127,14 +151,15 @@ def _import_call(graph: Graph, fx_node, env: dict[str, Any]) -> Any:
     args = torch.fx.node.map_arg(fx_node.args, lambda n: env[n.name])
     kwargs = torch.fx.node.map_arg(fx_node.kwargs, lambda n: env[n.name])
     target = fx_node.target
-    if target is getattr(__import__("operator"), "getitem"):
+    if target is __import__("operator").getitem:
         return args[0][args[1]]
     converter: Converter | None = CONVERTERS.get(target)
     leaves = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if is_value(x)]
     if converter is None or not leaves:
         if all(_is_input_free(v) for v in leaves):
             args, kwargs = torch.utils._pytree.tree_map(
-                lambda x: _materialize(graph, x) if is_value(x) else x, (args, kwargs))
+                lambda x: _materialize(graph, x) if is_value(x) else x, (args, kwargs)
+            )
             return _evaluate_constant(graph, fx_node, target, args, kwargs)
         raise UnsupportedOpError(
             f"ATen op '{target}' has no converter",
@@ -153,7 +178,9 @@ def _import_call(graph: Graph, fx_node, env: dict[str, Any]) -> Any:
     except Exception as e:
         raise TraceError(
             f"converting '{target}' failed: {type(e).__name__}: {e}",
-            node=fx_node.name, op=str(target), source=module_path(fx_node),
+            node=fx_node.name,
+            op=str(target),
+            source=module_path(fx_node),
             hint="this is a bug in the converter; please report it with the model",
         ) from e
     _check_shapes(fx_node, result)
@@ -164,8 +191,12 @@ def _is_input_free(value: Value) -> bool:
     """True when ``value`` depends on constants only (not on any graph input)."""
     if "input_free" not in value.meta:
         node = value.producer
-        value.meta["input_free"] = node is None and value.is_constant or node is not None and all(
-            v is None or _is_input_free(v) for v in node.inputs)
+        value.meta["input_free"] = (
+            node is None
+            and value.is_constant
+            or node is not None
+            and all(v is None or _is_input_free(v) for v in node.inputs)
+        )
     return value.meta["input_free"]
 
 
@@ -193,7 +224,8 @@ def _check_shapes(fx_node, result: Any) -> None:
     """Our inferred shapes must equal torch's: a mismatch is a converter bug, caught here."""
     val = fx_node.meta.get("val")
     pairs = (
-        zip(result, val) if isinstance(result, (list, tuple)) and isinstance(val, (list, tuple))
+        zip(result, val)
+        if isinstance(result, (list, tuple)) and isinstance(val, (list, tuple))
         else [(result, val)]
     )
     for value, fake in pairs:
@@ -201,7 +233,9 @@ def _check_shapes(fx_node, result: Any) -> None:
             if value.shape != tuple(fake.shape):
                 raise TraceError(
                     f"converted shape {value.shape} differs from torch's {tuple(fake.shape)}",
-                    node=fx_node.name, op=str(fx_node.target), source=module_path(fx_node),
+                    node=fx_node.name,
+                    op=str(fx_node.target),
+                    source=module_path(fx_node),
                     hint="this is a bug in the converter; please report it with the model",
                 )
 

@@ -130,8 +130,9 @@ def log(x):
     return np.log(x)
 
 
-@register_op("cast", infer=lambda n: [(n.inputs[0].shape, n.attrs["dtype"])],
-             attrs={"dtype": "float32"})
+@register_op(
+    "cast", infer=lambda n: [(n.inputs[0].shape, n.attrs["dtype"])], attrs={"dtype": "float32"}
+)
 def cast(x, *, dtype):
     """convert to another dtype"""
     return x.astype(dtype)

@@ -21,7 +21,9 @@ EPILOGUE = {"activation": None, "activation_attrs": None}
 def conv_out_size(size: int, k: int, s: int, p: int, d: int, ceil: bool = False) -> int:
     span = size + 2 * p - d * (k - 1) - 1
     out = (-(-span // s) if ceil else span // s) + 1
-    if ceil and (out - 1) * s >= size + p:  # the last window must start inside the input (torch rule)
+    if (
+        ceil and (out - 1) * s >= size + p
+    ):  # the last window must start inside the input (torch rule)
         out -= 1
     return out
 
@@ -57,7 +59,10 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride, padding, dilation, pad_value
     for i in range(kh):
         for j in range(kw):
             cols[:, :, i * kw + j] = xp[
-                :, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw
+                :,
+                :,
+                i * dh : i * dh + sh * (oh - 1) + 1 : sh,
+                j * dw : j * dw + sw * (ow - 1) + 1 : sw,
             ]
     return cols
 
@@ -69,8 +74,9 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride, padding, dilation, pad_value
     macs=_conv2d_macs,
     attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **EPILOGUE},
 )
-def conv2d(x, w, b=None, residual=None, *, stride, padding, dilation, groups, activation,
-           activation_attrs):
+def conv2d(
+    x, w, b=None, residual=None, *, stride, padding, dilation, groups, activation, activation_attrs
+):
     """2-D cross-correlation (NCHW, OIHW) with bias, residual add and activation epilogue"""
     n, c, _, _ = x.shape
     o, cg, kh, kw = w.shape
@@ -157,8 +163,12 @@ def _pool_windows(x, kernel, stride, padding, dilation, ceil_mode, pad_value):
     need_w = (ow - 1) * stride[1] + dilation[1] * (kernel[1] - 1) + 1 - (w + 2 * padding[1])
     xp = np.pad(
         x,
-        ((0, 0), (0, 0), (padding[0], padding[0] + max(need_h, 0)),
-         (padding[1], padding[1] + max(need_w, 0))),
+        (
+            (0, 0),
+            (0, 0),
+            (padding[0], padding[0] + max(need_h, 0)),
+            (padding[1], padding[1] + max(need_w, 0)),
+        ),
         constant_values=pad_value,
     )
     cols = im2col(xp, kernel[0], kernel[1], stride, (0, 0), dilation, pad_value)
@@ -188,8 +198,9 @@ def avg_pool2d(x, *, kernel, stride, padding, ceil_mode, count_include_pad):
     ones = np.ones((1, 1) + x.shape[2:], dtype=x.dtype)
     if count_include_pad:
         # padding counts, but the extra ceil-mode overhang does not (torch semantics)
-        ones = np.pad(ones, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2),
-                      constant_values=1)
+        ones = np.pad(
+            ones, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=1
+        )
         counts = _pool_windows(ones, kernel, stride, (0, 0), (1, 1), ceil_mode, 0.0).sum(axis=2)
         counts = counts[..., : total.shape[2], : total.shape[3]]
     else:
@@ -293,8 +304,9 @@ def group_norm(x, scale=None, bias=None, *, groups, eps):
     return y.astype(x.dtype)
 
 
-@register_op("softmax", infer=same_as_input(), attrs={"axis": -1},
-             macs=lambda n: numel(n.outputs[0].shape))
+@register_op(
+    "softmax", infer=same_as_input(), attrs={"axis": -1}, macs=lambda n: numel(n.outputs[0].shape)
+)
 def softmax(x, *, axis):
     """exp(x - max) / sum(exp(x - max)) along ``axis``"""
     e = np.exp(x - x.max(axis=axis, keepdims=True))

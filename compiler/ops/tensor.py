@@ -22,8 +22,11 @@ def dropout(x, *, p):
     return x
 
 
-@register_op("reshape", infer=lambda n: [(tuple(n.attrs["shape"]), n.inputs[0].dtype)],
-             attrs={"shape": REQUIRED})
+@register_op(
+    "reshape",
+    infer=lambda n: [(tuple(n.attrs["shape"]), n.inputs[0].dtype)],
+    attrs={"shape": REQUIRED},
+)
 def reshape(x, *, shape):
     """view with a new static shape (same number of elements)"""
     return x.reshape(shape)
@@ -56,8 +59,9 @@ def _slice_infer(node: Node) -> TypeList:
     return [(tuple(shape), x.dtype)]
 
 
-@register_op("slice", infer=_slice_infer, attrs={"axis": REQUIRED, "start": 0, "end": REQUIRED,
-                                                 "step": 1})
+@register_op(
+    "slice", infer=_slice_infer, attrs={"axis": REQUIRED, "start": 0, "end": REQUIRED, "step": 1}
+)
 def slice_(x, *, axis, start, end, step):
     """x[start:end:step] along one axis (step > 0)"""
     index = [slice(None)] * x.ndim
@@ -90,9 +94,7 @@ def _split_infer(node: Node) -> TypeList:
     sizes = node.attrs["sizes"]
     if sum(sizes) != x.shape[axis]:
         raise ValueError(f"split sizes {sizes} do not sum to {x.shape[axis]}")
-    return [
-        (tuple(s if i == axis else d for i, d in enumerate(x.shape)), x.dtype) for s in sizes
-    ]
+    return [(tuple(s if i == axis else d for i, d in enumerate(x.shape)), x.dtype) for s in sizes]
 
 
 @register_op("split", infer=_split_infer, attrs={"axis": REQUIRED, "sizes": REQUIRED})
@@ -117,8 +119,11 @@ def pad(x, *, pads, value):
     return np.pad(x, [(max(b, 0), max(a, 0)) for b, a in pads], constant_values=value)
 
 
-@register_op("expand", infer=lambda n: [(tuple(n.attrs["shape"]), n.inputs[0].dtype)],
-             attrs={"shape": REQUIRED})
+@register_op(
+    "expand",
+    infer=lambda n: [(tuple(n.attrs["shape"]), n.inputs[0].dtype)],
+    attrs={"shape": REQUIRED},
+)
 def expand(x, *, shape):
     """broadcast to a larger shape"""
     return np.ascontiguousarray(np.broadcast_to(x, shape))
@@ -158,22 +163,28 @@ def _reduce_infer(node: Node) -> TypeList:
 REDUCE_ATTRS = {"axes": REQUIRED, "keepdims": False}
 
 
-@register_op("mean", infer=_reduce_infer, attrs=REDUCE_ATTRS,
-             macs=lambda n: numel(n.inputs[0].shape))
+@register_op(
+    "mean", infer=_reduce_infer, attrs=REDUCE_ATTRS, macs=lambda n: numel(n.inputs[0].shape)
+)
 def mean(x, *, axes, keepdims):
     """arithmetic mean over axes"""
     return x.mean(axis=tuple(axes), keepdims=keepdims).astype(x.dtype)
 
 
-@register_op("sum", infer=_reduce_infer, attrs=REDUCE_ATTRS,
-             macs=lambda n: numel(n.inputs[0].shape))
+@register_op(
+    "sum", infer=_reduce_infer, attrs=REDUCE_ATTRS, macs=lambda n: numel(n.inputs[0].shape)
+)
 def sum_(x, *, axes, keepdims):
     """sum over axes"""
     return x.sum(axis=tuple(axes), keepdims=keepdims).astype(x.dtype)
 
 
-@register_op("norm", infer=_reduce_infer, attrs={**REDUCE_ATTRS, "ord": 2.0},
-             macs=lambda n: numel(n.inputs[0].shape))
+@register_op(
+    "norm",
+    infer=_reduce_infer,
+    attrs={**REDUCE_ATTRS, "ord": 2.0},
+    macs=lambda n: numel(n.inputs[0].shape),
+)
 def norm(x, *, axes, keepdims, ord):
     """vector p-norm over axes"""
     if np.isinf(ord):
@@ -215,8 +226,9 @@ def _einsum_macs(node: Node) -> int:
     return numel(tuple(_einsum_sizes(node).values()))
 
 
-@register_op("einsum", infer=_einsum_infer, arity=(1, 8), attrs={"equation": REQUIRED},
-             macs=_einsum_macs)
+@register_op(
+    "einsum", infer=_einsum_infer, arity=(1, 8), attrs={"equation": REQUIRED}, macs=_einsum_macs
+)
 def einsum(*xs, equation):
     """Einstein summation with an explicit '->' (no ellipsis)"""
     return np.einsum(equation, *xs, optimize=True).astype(xs[0].dtype)
