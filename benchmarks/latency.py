@@ -3,12 +3,13 @@
     python benchmarks/latency.py                                  # resnet18, mobilenet_v2, resnet56
     python benchmarks/latency.py --models resnet18 --threads 1 --batches 1 --repeats 30
 
-For every model, batch and thread count the three backends run interleaved (one call each per
-round, so drift on a shared machine hits all three alike) and the medians are printed with their
-ratios. A peak SGEMM GFLOP/s is measured in the same process (the best of numpy's and torch's BLAS
-on a large square product) and each backend's achieved GFLOP/s is given as a fraction of it. The
-numba package is also saved and loaded in fresh processes: the first compiles the kernels (JIT),
-the second loads them from numba's cache. All models use random weights and the ``fuse`` preset.
+For every model, batch and thread count the three backends take turns in blocks of calls over a
+few rounds (so drift on a shared machine hits all three alike) and the medians are printed with
+their ratios. A peak SGEMM GFLOP/s is measured in the same process (the best of numpy's and
+torch's BLAS on a large square product) and each backend's achieved GFLOP/s is given as a
+fraction of it. The numba package is also saved and loaded in fresh processes: the first compiles
+the kernels (JIT), the second loads them from numba's cache. All models use random weights and
+the ``fuse`` preset.
 """
 
 from __future__ import annotations
@@ -111,16 +112,20 @@ def runners(model, graph, numba_model, x: torch.Tensor, threads: int) -> dict:
     }
 
 
-def measure(fns: dict, threads: int, repeats: int) -> dict[str, float]:
-    """Median seconds per backend, calls interleaved round by round after two warm-up rounds."""
+def measure(fns: dict, threads: int, repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per backend. Backends take turns in blocks of calls, in a rotated order each
+    round; before each block a pause lets the previous backend's spinning pool threads (OpenMP,
+    ONNX Runtime) fall asleep, since on 2 cores they would otherwise steal the next one's cores."""
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(repeats + 2):
-        for name, fn in fns.items():
-            t = timed(fn)
-            if i >= 2:
-                times[name].append(t)
+    names = list(fns)
+    per_block = max(1, -(-repeats // rounds))
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(0.3)
+            fns[name]()
+            times[name] += [timed(fns[name]) for _ in range(per_block)]
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -249,7 +254,7 @@ def main() -> int:
         "cached = second load"
     )
     for r in rows:
-        if r["jit"] == r["jit"]:
+        if r["jit"] == r["jit"] and r["threads"] == args.threads[0]:
             print(
                 f"{r['model']:<13} batch {r['batch']}: {r['gflop']:.2f} GFLOP, in-process "
                 f"compile {r['compile']:.1f} s, package JIT {r['jit']:.1f} s, "
