@@ -6,10 +6,11 @@ are ``nn.Parameter``s, so a compressed model can be fine-tuned with any torch op
 in :data:`EMITTERS`, keyed by the op table's names; adding an op is one ``@emitter("name")``
 function.
 
-The module always computes eval-mode semantics, whatever ``.train()`` says: ``batch_norm``
-normalizes with the running statistics stored in the graph (they are buffers, never updated) and
-``dropout`` is the identity. It is meant for fine-tuning weights, not for re-estimating BN
-statistics.
+In eval mode (the default) it computes exactly what the graph does. In training mode
+(``.train()``), ``batch_norm`` nodes normalize with batch statistics and update their running
+statistics (buffers), as ``nn.BatchNorm`` does, which keeps fine-tuning a pruned network stable;
+``dropout`` stays the identity so fine-tuning is deterministic. Batch norms already folded into convs
+by ``fuse`` are gone: prune (and fine-tune) before fusing to keep them.
 """
 
 from __future__ import annotations
@@ -230,6 +231,13 @@ def _batch_norm(x, scale, bias, mean, var, *, eps):
     return F.batch_norm(x, flat[2], flat[3], flat[0], flat[1], training=False, eps=eps)
 
 
+def _batch_norm_train(x, scale, bias, mean, var, *, eps):
+    """Training-mode batch norm: batch statistics, and the running ones (buffers) updated in place,
+    as nn.BatchNorm does; fine-tuning a pruned network without it is unstable."""
+    return F.batch_norm(x, mean.view(-1), var.view(-1), scale.reshape(-1), bias.reshape(-1),
+                        training=True, momentum=0.1, eps=eps)
+
+
 @emitter("layer_norm")
 def _layer_norm(x, scale=None, bias=None, *, axes, eps):
     axes = sorted(a % x.dim() for a in axes)
@@ -439,9 +447,11 @@ class GraphModule(nn.Module):
             attrs = step.node.attrs
             if step.node.op == "expand" and batch != self._traced_batch:
                 attrs = _expand_to_batch(attrs, self._traced_batch, batch)
-            results = self._run_step(
-                step, [None if s is None else env[s] for s in step.inputs], attrs
-            )
+            args = [None if s is None else env[s] for s in step.inputs]
+            if self.training and step.node.op == "batch_norm":
+                results = (_batch_norm_train(*args, **attrs),)
+            else:
+                results = self._run_step(step, args, attrs)
             for slot, result, cast in zip(step.outputs, results, step.casts, strict=True):
                 env[slot] = result if cast is None or result.dtype == cast else result.to(cast)
             for slot in step.free:

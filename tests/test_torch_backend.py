@@ -407,7 +407,28 @@ def test_runtime_failure_is_a_backend_error(monkeypatch):
         module(*inputs)
 
 
-def test_train_mode_keeps_eval_semantics_and_module_pickles():
+def test_train_mode_batch_norm_uses_batch_statistics():
+    x = randn(8, 3, 4, 4) * 3 + 1
+    graph, inputs = one_node("batch_norm", [x, randn(3), randn(3), randn(3), positive(3)], {},
+                             (1, 2, 3, 4))
+    module = compile_torch(graph).train()
+    bn = torch.nn.BatchNorm2d(3, momentum=0.1)
+    consts = graph.constants()
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(consts[0].data))
+        bn.bias.copy_(torch.from_numpy(consts[1].data))
+        bn.running_mean.copy_(torch.from_numpy(consts[2].data))
+        bn.running_var.copy_(torch.from_numpy(consts[3].data))
+    expected = bn.train()(torch.from_numpy(inputs[0]))
+    got = module(*inputs)
+    np.testing.assert_allclose(got.detach().numpy(), expected.detach().numpy(), rtol=1e-4,
+                               atol=1e-5)
+    exported = to_graph(module).constants()
+    np.testing.assert_allclose(exported[2].data, bn.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(exported[3].data, bn.running_var.numpy(), rtol=1e-5)
+
+
+def test_train_mode_keeps_dropout_off_and_module_pickles():
     graph, inputs = one_node(
         "batch_norm",
         [randn(2, 3, 4, 4), randn(3), randn(3), randn(3), positive(3)],
@@ -416,9 +437,12 @@ def test_train_mode_keeps_eval_semantics_and_module_pickles():
     )
     y = graph.add_node("dropout", [graph.outputs[0]], {"p": 0.9}).outputs[0]
     graph.outputs = [y]
-    module = compile_torch(graph).train()
+    module = compile_torch(graph)
     expected = run(graph, inputs)[0]
     np.testing.assert_allclose(module(*inputs).detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    drop_graph, drop_inputs = one_node("dropout", [randn(2, 3)], {"p": 0.9})
+    trained = compile_torch(drop_graph).train()  # dropout stays off: fine-tuning is deterministic
+    np.testing.assert_array_equal(trained(*drop_inputs).numpy(), drop_inputs[0])
     buffer = io.BytesIO()
     torch.save(module, buffer)
     buffer.seek(0)
