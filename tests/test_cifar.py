@@ -1,5 +1,5 @@
-"""The real-data toolkit (compiler.cifar) against the shared CIFAR-10 data and checkpoints: model
-sizes, the README's accuracies in torch, through slimgraph's torch and ONNX backends, fine-tuning."""
+"""compiler.cifar on the shared CIFAR-10 data and checkpoints: model sizes, the README's accuracies
+in torch and through slimgraph's torch and ONNX backends, fine-tuning a compiled graph."""
 
 import functools
 
@@ -46,14 +46,19 @@ def dev():
 
 @functools.cache
 def fused(depth: int, batch: int = 1, backend: str = "torch") -> compiler.CompiledModel:
-    """The pretrained model through the fuse preset (numerically checked at batch 1 only)."""
-    return compiler.compile(load_pretrained(depth), torch.zeros(batch, 3, 32, 32),
-                            passes=["fuse"], backend=backend, check=batch == 1)
+    """The pretrained model through the fuse preset (ResNet-20 at batch 1 numerically checked)."""
+    return compiler.compile(
+        load_pretrained(depth),
+        torch.zeros(batch, 3, 32, 32),
+        passes=["fuse"],
+        backend=backend,
+        check=depth == 20 and batch == 1,
+    )
 
 
-def conv_and_linear_macs(model: torch.nn.Module) -> int:
-    """MACs of every conv and linear layer, counted from torch's own shapes."""
-    total = 0
+def expected_macs(model: torch.nn.Module) -> int:
+    """MACs of every conv and linear layer from torch's own shapes, plus the global average pool."""
+    total = 64 * 8 * 8  # the pool accumulates each element of the last 64x8x8 feature map once
 
     def count(module, inputs, output):
         nonlocal total
@@ -104,9 +109,9 @@ def test_model_size_matches_readme(depth):
     model = load_pretrained(depth)
     count = sum(p.numel() for p in model.parameters())
     assert count == PARAMS[depth] and round(count / 1e6, 2) == params / 1e6
-    # After folding batch norm, slimgraph counts exactly the convolutions and the classifier.
+    # After folding batch norm, slimgraph counts the convolutions, the pool and the classifier.
     measured = fused(depth).report.rows[-1].macs
-    assert measured == conv_and_linear_macs(model)
+    assert measured == expected_macs(model)
     assert abs(measured - macs) < 0.02 * macs, measured
 
 
@@ -154,7 +159,9 @@ def test_finetune_trains_the_compiled_graph_module(dev):
     module = compiled.to_torch()
     x, y = load_cifar("train_20k")
     x, y = x[:512], y[:512]
-    xd, yd = dev[0][:500], dev[1][:500]
+    xd, yd = dev[0][:200], dev[1][:200]
+    probe = torch.from_numpy(xd[:32])
+    compiled_logits = compiled(probe)
 
     def train_loss() -> float:
         with torch.no_grad():
@@ -168,5 +175,4 @@ def test_finetune_trains_the_compiled_graph_module(dev):
     assert changed and not any(n.startswith("normalize") for n in changed)
     assert train_loss() < loss
     assert abs(evaluate(module, xd, yd) - accuracy) <= 3.0
-    # The compiled model and its graph are untouched.
-    assert evaluate(compiled, xd, yd) == accuracy
+    torch.testing.assert_close(compiled(probe), compiled_logits, rtol=0, atol=0)  # untouched
