@@ -243,7 +243,7 @@ def main() -> int:
     print("peak SGEMM GFLOP/s: " + ", ".join(f"{t} thread(s) {p:.0f}" for t, p in peaks.items()))
     print(
         f"numba threading layer: {numba.config.THREADING_LAYER}; times are medians of "
-        f"{args.repeats} interleaved calls"
+        f"{args.repeats} calls in rotating blocks"
     )
     print(HEADER)
     rows = []
