@@ -58,7 +58,9 @@ def _compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     shape = args.input_shape or (1, 3, 224, 224)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    passes = [p for p in args.passes.split(",") if p]
+    from compiler.pass_manager import split_pass_list
+
+    passes = split_pass_list(args.passes)
     compiled = compile(
         model,
         example,

@@ -90,6 +90,8 @@ def resolve_passes(specs: Iterable[str | Pass | type[Pass]]) -> list[Pass]:
             out.append(spec)
         elif isinstance(spec, type) and issubclass(spec, Pass):
             out.append(spec())
+        elif isinstance(spec, str) and "(" in spec:
+            out.append(parse_pass_spec(spec))
         elif isinstance(spec, str) and spec in PRESETS:
             out.extend(resolve_passes(PRESETS[spec]))
         elif isinstance(spec, str) and spec in PASSES:
@@ -103,6 +105,43 @@ def resolve_passes(specs: Iterable[str | Pass | type[Pass]]) -> list[Pass]:
                 + "; or register your own with @register_pass",
             )
     return out
+
+
+def parse_pass_spec(spec: str) -> Pass:
+    """``"prune-channels(target=0.5, scope='global')"`` -> a configured pass instance."""
+    import ast
+
+    name, _, rest = spec.partition("(")
+    name = name.strip()
+    if name not in PASSES or not rest.endswith(")"):
+        raise OptionError(f"cannot read pass spec {spec!r}",
+                          hint="write name(option=value, ...), e.g. prune-channels(ratio=0.3)")
+    try:
+        call = ast.parse(f"f({rest}", mode="eval").body
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as e:
+        raise OptionError(f"cannot read the options of {spec!r}: {e}",
+                          hint="options are Python literals: numbers, strings, tuples") from e
+    if call.args or None in kwargs:
+        raise OptionError(f"pass options must be named in {spec!r}")
+    try:
+        return PASSES[name](**kwargs)
+    except TypeError as e:
+        raise OptionError(f"bad options for pass '{name}': {e}") from e
+
+
+def split_pass_list(text: str) -> list[str]:
+    """Split ``"fuse,prune-channels(ratio=0.3, round_to=8)"`` on the commas outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    parts.append(current.strip())
+    return [p for p in parts if p]
 
 
 def deviation(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:

@@ -104,3 +104,12 @@ def test_example_prune_resnet56(tmp_path):
     from compiler.report import graph_stats
 
     assert graph_stats(final.graph).macs < 0.55 * 125_489_792
+
+
+def test_cli_pass_options(tmp_path, capsys):
+    code = main(["compress", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--out",
+                 str(tmp_path), "--passes", "prune-channels(ratio=0.25, round_to=8),fuse"])
+    out = capsys.readouterr().out
+    assert code == 0 and "prune-channels(ratio=0.25, round_to=8)" in out
+    assert main(["compress", "torchvision:resnet18", "--passes", "prune-channels(ratio=2)"]) == 2
+    assert "outside [0, 1)" in capsys.readouterr().err
