@@ -112,6 +112,27 @@ class CompiledModel:
         return f"<CompiledModel backend={self.backend}>\n{self.report}"
 
 
+def _to_graph(model: Any, example_inputs: Any) -> Graph:
+    """A private graph to rewrite: a copy of a given Graph, or a fresh trace of a torch model."""
+    if isinstance(model, Graph):
+        return model.clone()
+    if example_inputs is None:
+        raise InputError("compile() needs example_inputs to trace a torch model",
+                         hint="pass e.g. torch.randn(1, 3, 224, 224)")
+    from compiler.frontend import trace
+
+    return trace(model, example_inputs)
+
+
+def _check_inputs(graph: Graph, example_inputs: Any) -> list[np.ndarray]:
+    """The arrays each pass's outputs are compared on (seeded random when none are given)."""
+    if example_inputs is None:
+        rng = np.random.default_rng(0)
+        return [rng.standard_normal(v.shape).astype(v.dtype) for v in graph.inputs]
+    ex = example_inputs if isinstance(example_inputs, (list, tuple)) else [example_inputs]
+    return [_to_numpy(x) for x in ex]
+
+
 def compile(  # noqa: A001 - the entry point's name is part of the user's design
     model: Any,
     example_inputs: Sequence[Any] | Any = None,
@@ -139,38 +160,16 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
         A :class:`CompiledModel`.
     """
     _backend_compiler(backend)  # fail fast on a bad backend name
-    if isinstance(model, Graph):
-        graph = model.clone()
-    else:
-        if example_inputs is None:
-            raise InputError(
-                "compile() needs example_inputs to trace a torch model",
-                hint="pass e.g. torch.randn(1, 3, 224, 224)",
-            )
-        from compiler.frontend import trace
-
-        graph = trace(model, example_inputs)
-    inputs = None
-    if check:
-        if example_inputs is None:
-            inputs = [
-                np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)
-                for v in graph.inputs
-            ]
-        else:
-            ex = example_inputs if isinstance(example_inputs, (list, tuple)) else [example_inputs]
-            inputs = [_to_numpy(x) for x in ex]
+    graph = _to_graph(model, example_inputs)
+    inputs = _check_inputs(graph, example_inputs) if check else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=None, desc="passes", unit="pass")
-    manager = PassManager(
-        passes=passes,
-        example_inputs=inputs,
-        tolerance=tolerance,
-        progress=(lambda name: (bar.set_postfix_str(name), bar.update())) if bar else None,
-    )
+    manager = PassManager(passes=passes, example_inputs=inputs, tolerance=tolerance,
+                          progress=(lambda name: (bar.set_postfix_str(name), bar.update()))
+                          if bar else None)
     try:
         manager.run(graph)
     finally:
