@@ -245,6 +245,7 @@ class OnnxModel:
         renamed, so ``path`` is either the old file or the complete new one. A model past 2 GB
         keeps its initializers in ``<path>.data`` (written and renamed first)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
             staged = Path(tmp) / path.name
             if self._fits():

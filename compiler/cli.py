@@ -77,8 +77,13 @@ def _compress(args: argparse.Namespace) -> int:
     compiled.save(path)
     print(f"wrote {path}")
     if args.json:
-        with open(os.path.join(args.out, name + ".report.json"), "w") as f:
-            json.dump(compiled.report.to_dict(), f, indent=1)
+        from compiler.api import atomic_write
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(compiled.report.to_dict(), f, indent=1)
+
+        atomic_write(os.path.join(args.out, name + ".report.json"), write)
     return 0
 
 

@@ -15,14 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_compress_writes_onnx_and_prints_report(tmp_path, capsys):
+    out_dir = tmp_path / "new" / "folder"  # created on demand
     code = main(["compress", "torchvision:squeezenet1_1", "--passes", "fuse", "--emit", "onnx",
-                 "--out", str(tmp_path), "--input-shape", "1,3,64,64", "--json"])
+                 "--out", str(out_dir), "--input-shape", "1,3,64,64", "--json"])
     out = capsys.readouterr().out
     assert code == 0
     assert "fold-batch-norm" in out and "max dev" in out
-    model = onnx.load(str(tmp_path / "squeezenet1_1.onnx"))
+    model = onnx.load(str(out_dir / "squeezenet1_1.onnx"))
     onnx.checker.check_model(model)
-    assert (tmp_path / "squeezenet1_1.report.json").exists()
+    assert (out_dir / "squeezenet1_1.report.json").exists()
 
 
 def test_cli_user_factory_and_torch_emit(tmp_path, capsys, monkeypatch):
