@@ -26,3 +26,25 @@ def test_zoo_model(name):
     assert "error" not in result, result["error"]
     for check in ("imported", "fused", "interpreter", "torch", "onnx"):
         assert result[check], (check, result["deviation"])
+
+
+PRUNE_FAMILIES = [
+    "resnet18", "densenet121", "googlenet", "squeezenet1_0", "shufflenet_v2_x0_5",
+    "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny",
+    "swin_t", "vit_b_32",
+]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", PRUNE_FAMILIES)
+def test_zoo_pruning(name):
+    """Half of every group's channels removed; the result is proven equal to the masked original
+    and runs in torch and ONNX Runtime (the full 80 x 3 configs: benchmarks/prune_zoo.py)."""
+    from compiler.zoo import check_pruning
+
+    result = check_pruning(name, configs=("uniform50",))
+    assert "error" not in result, result["error"]
+    r = result["uniform50"]
+    assert "error" not in r, r["error"]
+    assert r["pruned"] and r["mask-equivalent"] and r["runs"], r
+    assert r["macs"] < 0.9
