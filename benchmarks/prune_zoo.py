@@ -39,6 +39,9 @@ def main() -> int:
             except Exception as e:  # a worker died
                 r = {"model": futures[fut], "error": f"worker died: {e}"}
             results.append(r)
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as f:  # after every model, so a cut-short run keeps its data
+                json.dump(results, f, indent=1)
             errors = [f"{k}: {v['error']}" for k, v in r.items()
                       if isinstance(v, dict) and "error" in v]
             if "error" in r:
