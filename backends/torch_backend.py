@@ -9,8 +9,8 @@ function.
 In eval mode (the default) it computes exactly what the graph does. In training mode
 (``.train()``), ``batch_norm`` nodes normalize with batch statistics and update their running
 statistics (buffers), as ``nn.BatchNorm`` does, which keeps fine-tuning a pruned network stable;
-``dropout`` stays the identity so fine-tuning is deterministic. Batch norms already folded into convs
-by ``fuse`` are gone: prune (and fine-tune) before fusing to keep them.
+``dropout`` stays the identity so fine-tuning is deterministic. Batch norms already folded into
+convs by ``fuse`` are gone: prune (and fine-tune) before fusing to keep them.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     python benchmarks/compile_time.py                 # resnet50 at 224x224, 3 repeats
     python benchmarks/compile_time.py --model mobilenet_v2 --repeats 5
 
-Prints a table of median seconds per stage and a one-line summary; the target is under 10 s in total for
-resnet50 (issue: the spine).
+Prints a table of median seconds per stage and a one-line summary; the target is under 10 s in
+total for resnet50 (issue: the spine).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> int:
     for stage in runs[0]:
         print(f"{stage:18s} {statistics.median(r[stage] for r in runs):7.2f} s")
     total = statistics.median(r["total"] for r in runs)
-    print(f"compile_time: {args.model} {args.size}x{args.size} trace+fuse+onnx median {total:.2f} s "
+    print(f"compile_time: {args.model} {args.size}x{args.size} trace+fuse+onnx median {total:.2f} s"
+          " "
           f"over {args.repeats} runs (target < 10 s): {'OK' if total < 10 else 'OVER'}")
     return 0
 

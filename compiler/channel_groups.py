@@ -1,17 +1,19 @@
 """Channel-group analysis: which elements of which tensor axes must be removed together.
 
 Every op's coupling rule (compiler/coupling.py) relates axes. The analysis then
-1. factorizes each axis into *atoms* so that reshapes, channel shuffles, head splits and grouped convs
-   become plain axis-to-axis relations (a 768 axis feeding a (12, 64) reshape gets atoms (12, 64));
+1. factorizes each axis into *atoms* so that reshapes, channel shuffles, head splits and grouped
+   convs become plain axis-to-axis relations (a 768 axis feeding a (12, 64) reshape gets atoms
+   (12, 64));
 2. unites elements (axis, atom, index) across relations and finds connected components: each
-   component is one removable unit (one channel of a residual stream across all its blocks, one head,
-   one hidden unit), removable only as a whole;
+   component is one removable unit (one channel of a residual stream across all its blocks, one
+   head, one hidden unit), removable only as a whole;
 3. drops components that touch a blocked element (graph inputs and outputs, normalized axes, ops
    without a rule) or hold no parameter;
 4. collects components that span the same axes into *groups* (a layer's channels, a stage's stream).
 
 A pruning *plan* is a set of component ids; :func:`apply_plan` removes them from a graph and
-:func:`mask_plan` zeroes their parameters instead, which is the reference the pruned graph must match.
+:func:`mask_plan` zeroes their parameters instead, which is the reference the pruned graph must
+match.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""The vocabulary of channel-coupling rules: a rule states, per op, which tensor axes must shrink together.
+"""The vocabulary of channel-coupling rules: a rule states, per op, which tensor axes must shrink
+together.
 
-A rule is ``rule(node, c)`` where ``c`` is a :class:`Couplings` collector. It relates *slots* (one axis of
-one Value, or a virtual axis) with four statements:
+A rule is ``rule(node, c)`` where ``c`` is a :class:`Couplings` collector. It relates *slots* (one
+axis of one Value, or a virtual axis) with four statements:
 
 - ``c.same(a, b)``: element i of a is element i of b (equal sizes);
 - ``c.offset(whole, piece, start)``: element i of piece is element start + i of whole;
-- ``c.regroup(ins, outs)``: the same flat index space factorized two ways (a reshape group, conv groups);
+- ``c.regroup(ins, outs)``: the same flat index space factorized two ways (a reshape group, conv
+  groups);
 - ``c.block(*slots)``: these elements may never be removed (reductions over the axis, unknown ops).
 
 Axes a rule does not mention are independent (a conv's spatial axes, its input vs output channels).
-Ops without a rule block every axis they touch, so an unknown op is always safe. Rules live in the op
-table (``OpDef.coupling``); the built-in ones are in ``compiler/ops/coupling_rules.py``.
+Ops without a rule block every axis they touch, so an unknown op is always safe. Rules live in the
+op table (``OpDef.coupling``); the built-in ones are in ``compiler/ops/coupling_rules.py``.
 """
 
 from __future__ import annotations

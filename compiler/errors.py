@@ -1,4 +1,5 @@
-"""The one error type users catch, and its subclasses, each saying what failed, where and how to fix it."""
+"""The one error type users catch, and its subclasses, each saying what failed, where and how to
+fix it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The reference interpreter: runs a graph with the op table's numpy implementations.
 
-It is the oracle that every pass and backend is tested against, so it favours clarity over speed, but it
-frees each value after its last use so that large zoo models fit in memory.
+It is the oracle that every pass and backend is tested against, so it favours clarity over speed,
+but it frees each value after its last use so that large zoo models fit in memory.
 """
 
 from __future__ import annotations

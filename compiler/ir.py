@@ -1,14 +1,15 @@
-"""The IR: Values (tensors), Nodes (ops) and Graphs, with use-lists kept right by a few rewiring methods.
+"""The IR: Values (tensors), Nodes (ops) and Graphs, with use-lists kept right by a few rewiring
+methods.
 
 Invariants (checked by :func:`compiler.verify.verify`):
-- ``graph.nodes`` is in topological order; every node input is a graph input, a constant or the output
-  of an earlier node.
+- ``graph.nodes`` is in topological order; every node input is a graph input, a constant or the
+  output of an earlier node.
 - use-lists are symmetric: ``(node, i) in value.uses`` iff ``node.inputs[i] is value``.
 - every value has a static shape (tuple of ints) and a numpy dtype name.
 
 Constant arrays are treated as immutable: a pass that changes a weight makes a new array and assigns
-``value.data = new`` (which also updates the shape), so graphs cloned with :meth:`Graph.clone` can share
-arrays safely.
+``value.data = new`` (which also updates the shape), so graphs cloned with :meth:`Graph.clone` can
+share arrays safely.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The op table: one entry per op, the single source of truth for its arity, attributes, shape and dtype
-inference, reference numpy implementation, MAC count and (for pruning) channel-coupling rule.
+"""The op table: one entry per op, the single source of truth for its arity, attributes, shape and
+dtype inference, reference numpy implementation, MAC count and (for pruning) channel-coupling rule.
 
 Ops are registered with :func:`register_op` on their reference implementation::
 
@@ -8,8 +8,8 @@ Ops are registered with :func:`register_op` on their reference implementation::
         return np.maximum(x, 0)
 
 The reference function takes the input arrays positionally (``None`` for an omitted optional input)
-and the node's attributes as keyword arguments; it returns an array or a tuple of arrays. Backends keep
-their own emitter tables keyed by the same names (see ``backends/``).
+and the node's attributes as keyword arguments; it returns an array or a tuple of arrays. Backends
+keep their own emitter tables keyed by the same names (see ``backends/``).
 """
 
 from __future__ import annotations

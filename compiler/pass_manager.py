@@ -1,5 +1,5 @@
-"""Passes and the pass manager: run each pass, verify the graph, compare its numbers with the graph it was
-given, and record a report row (params, MACs, weight bytes, seconds, deviation) per pass."""
+"""Passes and the pass manager: run each pass, verify the graph, compare its numbers with the graph
+it was given, and record a report row (params, MACs, weight bytes, seconds, deviation) per pass."""
 
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ class PassManager:
             None disables numeric checking.
         tolerance: the largest relative deviation an exact pass may cause.
         verify: run ``graph.verify()`` after each pass.
-        runner: function ``(graph, inputs) -> outputs`` used for checking (the reference interpreter).
+        runner: function ``(graph, inputs) -> outputs`` used for checking (the reference
+        interpreter).
     """
 
     passes: Sequence[str | Pass | type[Pass]] = ()

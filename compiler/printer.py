@@ -1,4 +1,5 @@
-"""Canonical text form of a graph: stable, diff-friendly, used by golden tests and `print(graph)`."""
+"""Canonical text form of a graph: stable, diff-friendly, used by golden tests and
+`print(graph)`."""
 
 from __future__ import annotations
 

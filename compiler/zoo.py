@@ -151,7 +151,6 @@ def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) ->
     and whether torch and ONNX Runtime run it (matching the interpreter)."""
     import time
 
-    import numpy as np
     import torch
 
     from backends.onnx_backend import compile_onnx

@@ -1,9 +1,11 @@
-"""Importance criteria for channel pruning: a criterion scores every removable unit of a group (higher =
+"""Importance criteria for channel pruning: a criterion scores every removable unit of a group
+(higher =
 more important). Built in: l1, l2, bn_scale, fpgm, random (data-free); activation, apoz, di
 (calibration data; di needs labels); taylor (calibration data with labels, gradients via torch).
 
 A user criterion is any ``fn(analysis, group, context) -> np.ndarray`` of ``len(group)`` scores,
-passed as ``PruneChannels(criterion=fn)``; ``context`` gives the graph, calibration inputs and labels.
+passed as ``PruneChannels(criterion=fn)``; ``context`` gives the graph, calibration inputs and
+labels.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ATen -> IR converters: one small function per ATen overload, registered in ``CONVERTERS``.
 
-A converter receives a :class:`Ctx` and the ATen call's arguments with tensors replaced by IR Values,
-emits IR nodes through ``ctx.emit`` and returns the Value(s) standing for the ATen result.
+A converter receives a :class:`Ctx` and the ATen call's arguments with tensors replaced by IR
+Values, emits IR nodes through ``ctx.emit`` and returns the Value(s) standing for the ATen result.
 """
 
 from __future__ import annotations

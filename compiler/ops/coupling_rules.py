@@ -1,5 +1,6 @@
-"""Channel-coupling rules of the built-in ops (the op table's ``coupling`` entries); see compiler/coupling.py
-for the vocabulary. Each rule says which axes shrink together when channels are pruned."""
+"""Channel-coupling rules of the built-in ops (the op table's ``coupling`` entries); see
+compiler/coupling.py for the vocabulary. Each rule says which axes shrink together when channels are
+pruned."""
 
 from __future__ import annotations
 
@@ -99,8 +100,9 @@ def _batch_dims(c: Couplings, out, operands, trailing: int) -> None:
 
 @coupling("attention")
 def attention(node: Node, c: Couplings) -> None:
-    """q.k contracts the key dim (q, k last axes tie); v's last axis is the output's; heads and batch
-    axes tie everything. Pruning heads or head dims keeps the softmax scale (pinned by the rewrite)."""
+    """q.k contracts the key dim (q, k last axes tie); v's last axis is the output's; heads and
+    batch axes tie everything. Pruning heads or head dims keeps the softmax scale (pinned by the
+    rewrite)."""
     q, k, v = node.inputs[:3]
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     out = node.outputs[0]

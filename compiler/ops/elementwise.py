@@ -138,7 +138,7 @@ def cast(x, *, dtype):
     return x.astype(dtype)
 
 
-# -- binary arithmetic with numpy broadcasting -------------------------------------------------------
+# -- binary arithmetic with numpy broadcasting ----------------------------------------------------
 
 
 def _binary_infer(node: Node) -> TypeList:

@@ -343,7 +343,8 @@ def _sdpa_macs(node: Node) -> int:
     macs=_sdpa_macs,
 )
 def attention(q, k, v, mask=None, *, scale, causal):
-    """softmax(q @ k^T * scale + mask) @ v over (..., L, E) tensors (scaled dot-product attention)"""
+    """softmax(q @ k^T * scale + mask) @ v over (..., L, E) tensors (scaled dot-product
+    attention)"""
     s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = np.matmul(q, np.swapaxes(k, -1, -2)) * q.dtype.type(s)
     if causal:
