@@ -39,6 +39,9 @@ class OpDef:
         arity: (min, max) number of inputs, counting omitted optional inputs.
         macs: ``macs(node) -> int`` multiply-accumulates (0 for data movement).
         coupling: channel-coupling rule used by the pruning analysis (None: not yet described).
+        foldable: whether fold-constants may evaluate the op when all its inputs are constants.
+            False for ops that decode compact weights (a codebook lookup, a dequantize): folding
+            them would store the dense weight again and undo the compression.
         doc: one line on what the op computes.
     """
 
@@ -49,6 +52,7 @@ class OpDef:
     arity: tuple[int, int] = (1, 1)
     macs: Callable[[Node], int] = lambda node: 0
     coupling: Any = None
+    foldable: bool = True
     doc: str = ""
 
     def required_attrs(self) -> list[str]:
@@ -85,6 +89,7 @@ def register_op(
     arity: tuple[int, int] | int = 1,
     macs: Callable[[Node], int] | None = None,
     coupling: Any = None,
+    foldable: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as the reference implementation of op ``name``."""
 
@@ -97,6 +102,7 @@ def register_op(
             arity=(arity, arity) if isinstance(arity, int) else arity,
             macs=macs or (lambda node: 0),
             coupling=coupling,
+            foldable=foldable,
             doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
         )
         return fn

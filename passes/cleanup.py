@@ -59,7 +59,8 @@ class RemoveNoops(Pass):
 @register_pass
 @dataclass
 class FoldConstants(Pass):
-    """Evaluate nodes whose inputs are all constants with the op table's reference.
+    """Evaluate nodes whose inputs are all constants with the op table's reference (except ops
+    marked ``foldable=False`` in the op table, which decode compact weights).
 
     ``op($a, $b) -> $op_result``: the node's outputs become constants (keeping their names, and the
     node's ``meta["source"]`` on the constant's ``meta``), then the node is erased. One sweep in
@@ -87,6 +88,8 @@ class FoldConstants(Pass):
         for node in list(graph.nodes):
             present = [v for v in node.inputs if v is not None]
             if not present or not all(v.is_constant for v in present):
+                continue
+            if not get_op(node.op).foldable:  # decodes compact weights: keep them compact
                 continue
             if self._too_big(node, present):
                 continue
