@@ -515,3 +515,21 @@ def take(x, indices, out):
             if j < 0:
                 j += d
             out[a, i] = x[a, j]
+
+
+
+@njit(cache=True)
+def codebook_decode(codebook, packed, bits, out):
+    """``out[e] = codebook[e // (n / G), index e]`` for the dense little-endian bit-packed indices
+    of compiler/ops/codebook.py (an index may span two bytes); ``out`` is flat, ``codebook`` (G, K).
+    """
+    n = out.shape[0]
+    per_group = n // codebook.shape[0]
+    mask = (1 << bits) - 1
+    for e in range(n):
+        bit = e * bits
+        byte, shift = bit >> 3, bit & 7
+        v = int(packed[byte]) >> shift
+        if shift + bits > 8:
+            v |= int(packed[byte + 1]) << (8 - shift)
+        out[e] = codebook[e // per_group, v & mask]

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from compiler.errors import BackendError
 from compiler.ir import Node
 from compiler.op_table import get_op, result_dtype
+from compiler.ops.codebook import packed_size
 from compiler.ops.nn import adaptive_bins
 
 Tensor = gs.Tensor
@@ -522,6 +523,54 @@ def _with_ints(op_type: str, attr: str) -> Emitter:
     return lambda b, node, x: b.op(op_type, x, b.ints(node.attrs[attr]))
 
 
+# -- shared weights (compiler/ops/codebook.py) ---------------------------------------------------
+
+
+def unpack_indices(b: OnnxBuilder, packed: Tensor, bits: int, count: int) -> Tensor:
+    """int64 indices from the dense little-endian packing, with standard ops only: BitShift and
+    BitwiseAnd on the uint8 bytes for 1, 2 and 4 bits (whole indices per byte). For 3, 5, 6 and 7
+    bits each index lies in two neighbouring bytes of its group of 8 indices (``bits`` bytes):
+    Gather both bytes per position, join them into a uint32, shift and mask. (Joining the whole
+    group into one int64 word lost low bits at 7 bits: ONNX Runtime's int64 arithmetic went
+    through doubles.)"""
+    if bits in (1, 2, 4):
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)[None, :]
+        column = b.op("Unsqueeze", packed, b.ints([1]))
+        shifted = b.op("BitShift", column, b.const(shifts, "shifts"), direction="RIGHT")
+        index = b.op("BitwiseAnd", shifted, b.scalar((1 << bits) - 1, np.uint8))
+    elif bits < 8:
+        rows = b.op("Reshape", packed, b.ints([-1, bits]))
+        first_bit = np.arange(8) * bits
+        low = (first_bit >> 3).astype(np.int64)
+        high = np.minimum(low + 1, bits - 1)
+        u32 = lambda t: b.cast(b.op("Gather", rows, b.const(t, "byte"), axis=1), np.uint32)  # noqa: E731
+        high_shifted = b.op("BitShift", u32(high), b.scalar(8, np.uint32), direction="LEFT")
+        pair = b.op("BitwiseOr", u32(low), high_shifted)
+        shift = b.const((first_bit & 7).astype(np.uint32)[None, :], "shifts")
+        index = b.op("BitwiseAnd", b.op("BitShift", pair, shift, direction="RIGHT"),
+                     b.scalar((1 << bits) - 1, np.uint32))
+    else:
+        index = packed
+    flat = b.op("Reshape", index, b.ints([-1]))
+    if packed_size(count, bits) * 8 // bits != count:  # padded to a multiple of 8 indices
+        flat = b.op("Slice", flat, b.ints([0]), b.ints([count]), b.ints([0]))
+    return b.cast(flat, np.int64)
+
+
+def emit_codebook_lookup(b: OnnxBuilder, node: Node, codebook: Tensor, indices: Tensor) -> Tensor:
+    """Gather from the flattened codebook; group g's indices are offset by g * K."""
+    shape, bits = node.attrs["shape"], node.attrs["bits"]
+    groups, k = node.inputs[0].shape
+    count = math.prod(shape)
+    index = unpack_indices(b, indices, bits, count)
+    if groups > 1:
+        offsets = (np.arange(groups, dtype=np.int64) * k)[:, None]
+        index = b.reshape(index, (groups, count // groups))
+        index = b.op("Add", index, b.const(offsets, "offsets"))
+    table = b.reshape(codebook, (groups * k,))
+    return b.reshape(b.op("Gather", table, index, axis=0, dtype=codebook.dtype), shape)
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 EMITTERS: dict[str, Emitter] = {
@@ -574,3 +623,4 @@ EMITTERS: dict[str, Emitter] = {
     "norm": emit_norm,
     "einsum": emit_einsum,
 }
+EMITTERS["codebook_lookup"] = emit_codebook_lookup

@@ -18,6 +18,7 @@ from compiler.errors import BackendError, InputError
 from compiler.interpreter import run
 from compiler.ir import Graph
 from compiler.op_table import OPS, get_op
+from compiler.ops.codebook import pack_indices
 from compiler.ops.nn import conv_out_size
 
 get_op("relu")  # loads the built-in ops into OPS
@@ -151,6 +152,11 @@ CASES: dict[str, list] = {
         ({"shifts": 5, "axes": 1}, [(2, 3)], (), None),
     ],
     "take": [({"axis": 1}, [(3, 4)], (np.array([[0, -1], [2, 2]]),), None)],
+    # 3-bit indices span byte boundaries; two codebook groups (rows of 4 output elements)
+    "codebook_lookup": [
+        ({"shape": (2, 3, 2), "bits": 3}, [(2, 8)], (pack_indices(np.arange(12) % 8, 3),), None),
+        ({"shape": (5, 3), "bits": 4}, [(1, 16)], (pack_indices(np.arange(15), 4),), None),
+    ],
     "mean": [
         ({"axes": (1, 2), "keepdims": True}, [(2, 3, 4)], (), None),
         ({"axes": (0, 2)}, [(2, 3, 4)], (), None),

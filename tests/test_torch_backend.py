@@ -15,6 +15,7 @@ from compiler.errors import BackendError, InputError
 from compiler.interpreter import run
 from compiler.ir import Graph
 from compiler.op_table import OPS, get_op
+from compiler.ops.codebook import pack_indices
 from compiler.ops.elementwise import ACTIVATIONS
 
 RNG = np.random.default_rng(0)
@@ -151,6 +152,18 @@ def _nn_cases(x: np.ndarray) -> dict[str, tuple]:
         ),
         "softmax": ("softmax", [x], {"axis": 1}, ()),
         "log_softmax": ("log_softmax", [x], {}, ()),
+        "codebook_lookup": (
+            "codebook_lookup",
+            [randn(2, 8), pack_indices(np.arange(12) % 8, 3)],
+            {"shape": (2, 3, 2), "bits": 3},
+            (0, 1),
+        ),
+        "codebook_lookup-input": (
+            "codebook_lookup",
+            [randn(1, 16), pack_indices(np.arange(15), 4)],
+            {"shape": (5, 3), "bits": 4},
+            (1,),
+        ),
     }
 
 
