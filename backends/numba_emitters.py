@@ -646,3 +646,6 @@ def _codebook_lookup(gen: Codegen, node: Node) -> None:
         f"K.codebook_decode({', '.join(fmt(a) for a in args)}, {key}.reshape(-1))"
     )
     gen.exprs[id(y)] = key
+
+
+from backends import numba_quant  # noqa: E402,F401  (registers quantize/dequantize)

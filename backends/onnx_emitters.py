@@ -624,3 +624,7 @@ EMITTERS: dict[str, Emitter] = {
     "einsum": emit_einsum,
 }
 EMITTERS["codebook_lookup"] = emit_codebook_lookup
+
+from backends.onnx_quant import QUANT_EMITTERS  # noqa: E402  (quantize/dequantize)
+
+EMITTERS.update(QUANT_EMITTERS)

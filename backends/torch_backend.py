@@ -535,3 +535,5 @@ def to_graph(module: GraphModule) -> Graph:
 
 
 __all__ = ["EMITTERS", "GraphModule", "compile_torch", "emitter", "to_graph", "torch_dtype"]
+
+from backends import torch_quant  # noqa: E402,F401  (registers quantize/dequantize)

@@ -20,6 +20,7 @@ from compiler.ir import Graph
 from compiler.op_table import OPS, get_op
 from compiler.ops.codebook import pack_indices
 from compiler.ops.nn import conv_out_size
+from tests.quant_cases import QDQ_CASES
 
 get_op("relu")  # loads the built-in ops into OPS
 import backends.numba_emitters  # noqa: E402,F401  (registers the emitters)
@@ -152,6 +153,7 @@ CASES: dict[str, list] = {
         ({"shifts": 5, "axes": 1}, [(2, 3)], (), None),
     ],
     "take": [({"axis": 1}, [(3, 4)], (np.array([[0, -1], [2, 2]]),), None)],
+    **QDQ_CASES,
     # 3-bit indices span byte boundaries; two codebook groups (rows of 4 output elements)
     "codebook_lookup": [
         ({"shape": (2, 3, 2), "bits": 3}, [(2, 8)], (pack_indices(np.arange(12) % 8, 3),), None),

@@ -17,6 +17,7 @@ from compiler.ir import Graph
 from compiler.op_table import OPS, get_op
 from compiler.ops.codebook import pack_indices
 from compiler.ops.elementwise import ACTIVATIONS
+from tests.quant_cases import torch_cases
 
 RNG = np.random.default_rng(0)
 
@@ -170,7 +171,8 @@ def _nn_cases(x: np.ndarray) -> dict[str, tuple]:
 def _cases() -> dict[str, tuple]:
     """case id -> (op, arrays, attrs, constant positions); every op of the table appears."""
     x = randn(2, 3, 4, 5)
-    return _elementwise_cases(x) | _tensor_cases(x) | _nn_cases(x) | _attention_cases()
+    return (_elementwise_cases(x) | _tensor_cases(x) | _nn_cases(x) | _attention_cases()
+            | torch_cases())
 
 
 CASES = _cases()
