@@ -127,6 +127,12 @@ def check_model(
                 from backends.numba_backend import compile_numba
 
                 outs = compile_numba(graph).run(x.numpy())
+            elif check == "factorized":
+                r = check_factorization(graph, x.numpy(), tolerance)
+                result["factorization"] = r
+                result["deviation"][check] = r.get("full_rank_deviation", float("inf"))
+                result[check] = r["factorized"]
+                continue
             else:
                 raise ValueError(f"unknown check {check!r}")
             dev = deviation(reference, [np.asarray(o) for o in outs])
@@ -194,3 +200,46 @@ def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) ->
         r["seconds"] = time.perf_counter() - start
         result[config] = r
     return result
+
+
+def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) -> dict:
+    """Factorize a fused graph twice: at full rank in the channel form (forced even where MACs
+    grow), which must match the graph within ``tolerance``, and at an ``energy`` threshold with
+    ``form="auto"``, which must lower MACs and run in torch and ONNX Runtime matching the
+    interpreter. ``factorized`` is True when all of that holds (or the model has no conv2d/linear
+    layer to factorize, counted as ``applicable: False``)."""
+    import torch
+
+    from backends.onnx_backend import compile_onnx
+    from backends.torch_backend import compile_torch
+    from compiler.interpreter import run
+    from compiler.pass_manager import PassManager, deviation
+    from compiler.report import graph_stats
+    from passes.factorization import FactorizeRank
+
+    r: dict = {"factorized": False}
+    try:
+        reference = run(graph, [x])
+        full = graph.clone()
+        PassManager(passes=[FactorizeRank(energy=1.0, form="channel", require_saving=False)],
+                    example_inputs=None).run(full)
+        r["applicable"] = bool(full.meta["factorization"]["layers"])
+        r["full_rank_deviation"] = deviation(reference, run(full, [x]))
+        low = graph.clone()
+        PassManager(passes=[FactorizeRank(energy=energy)], example_inputs=None).run(low)
+        r["layers"] = len(low.meta["factorization"]["layers"])
+        r["macs"] = graph_stats(low).macs / max(graph_stats(graph).macs, 1)
+        ref = run(low, [x])
+        with torch.no_grad():
+            t_out = [compile_torch(low)(torch.from_numpy(x)).numpy()]
+        o_out = compile_onnx(low).run(x)
+        r["backend_deviation"] = max(deviation(ref, t_out), deviation(ref, o_out))
+        lowered = r["layers"] > 0 and r["macs"] < 1
+        r["factorized"] = bool(
+            r["full_rank_deviation"] <= tolerance
+            and r["backend_deviation"] <= tolerance
+            and (lowered or not r["applicable"])
+        )
+    except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
+        r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return r

@@ -1,0 +1,359 @@
+"""The factorize-rank pass and its rank selection: golden IR, exactness at full rank for every form,
+error falling as rank grows, EVBMF and the budget allocator, data-aware beating plain SVD,
+composition with prune-channels, backends against the interpreter, and bad options."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compiler import compile
+from compiler import rank_selection as rs
+from compiler.channel_groups import ChannelGroups
+from compiler.errors import OptionError
+from compiler.frontend import trace
+from compiler.interpreter import run
+from compiler.ir import Graph
+from compiler.pass_manager import PassManager, deviation
+from compiler.report import graph_stats
+from passes.factorization import FactorizeRank
+from passes.pruning import PruneChannels
+
+RNG = np.random.default_rng(0)
+
+
+def const(g: Graph, shape: tuple, name: str):
+    return g.constant(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def conv_graph(cin=8, cout=12, k=3, groups=1, epilogue=True, size=(9, 10), **attrs) -> Graph:
+    """x -> conv (bias; with ``epilogue`` also a residual input and relu) -> output."""
+    g = Graph("conv")
+    x = g.add_input("x", (2, cin, *size))
+    inputs = [x, const(g, (cout, cin // groups, k, k), "w"), const(g, (cout,), "b")]
+    act = {"activation": "relu"} if epilogue else {}
+    node = g.add_node("conv2d", inputs, {"groups": groups, **act, **attrs}, name="c",
+                      meta={"source": "m.c"})
+    if epilogue:
+        node.set_inputs([*inputs, g.add_input("res", node.outputs[0].shape)])
+    g.outputs = [node.outputs[0]]
+    return g
+
+
+def factorize(g: Graph, **options) -> Graph:
+    """Factorize a copy through the pass manager (verified after the pass) and return it."""
+    out = g.clone()
+    PassManager(passes=[FactorizeRank(**options)]).run(out)
+    return out
+
+
+def rel_error(g: Graph, h: Graph, inputs) -> float:
+    a, b = run(g, inputs)[0], run(h, inputs)[0]
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def inputs_for(g: Graph, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(v.shape).astype(np.float32) for v in g.inputs]
+
+
+# -- golden ----------------------------------------------------------------------------------------
+
+
+def test_golden_channel_conv_and_linear():
+    g = Graph("tiny")
+    x = g.add_input("x", (1, 4, 6, 6))
+    c = g.add_node("conv2d", [x, const(g, (8, 4, 3, 3), "w"), const(g, (8,), "b")],
+                   {"padding": (1, 1), "stride": (2, 2), "activation": "relu"}, name="conv",
+                   meta={"source": "net.conv"})
+    flat = g.add_node("reshape", [c.outputs[0]], {"shape": (1, 72)}, name="flat")
+    fc = g.add_node("linear", [flat.outputs[0], const(g, (10, 72), "fc.w")], name="fc",
+                    meta={"source": "net.fc"})
+    g.outputs = [fc.outputs[0]]
+    out = factorize(g, rank=3, form="channel")
+    assert str(out) == """graph tiny(
+    %x: float32[1,4,6,6],
+) {
+  $w_f1: float32[3,4,3,3]
+  $w_f2: float32[8,3,1,1]
+  $b: float32[8]
+  $fc.w_f1: float32[3,72]
+  $fc.w_f2: float32[10,3]
+  %conv_f1: float32[1,3,3,3] = conv2d(%x, $w_f1) {dilation=[1, 1], groups=1, padding=[1, 1], stride=[2, 2]}
+  %conv_f2: float32[1,8,3,3] = conv2d(%conv_f1, $w_f2, $b) {activation='relu', dilation=[1, 1], groups=1, padding=[0, 0], stride=[1, 1]}
+  %flat: float32[1,72] = reshape(%conv_f2) {shape=[1, 72]}
+  %fc_f1: float32[1,3] = linear(%flat, $fc.w_f1)
+  %fc_f2: float32[1,10] = linear(%fc_f1, $fc.w_f2)
+  return %fc_f2
+}"""  # noqa: E501
+    assert [n.source for n in out.nodes if n.op != "reshape"] == ["net.conv"] * 2 + ["net.fc"] * 2
+    assert out.node("conv_f2").meta["factorized"] == "channel 3"
+
+
+def test_golden_spatial_and_tucker2_chains():
+    g = conv_graph(epilogue=False, padding=(1, 2), stride=(2, 1), dilation=(1, 2))
+    spatial = factorize(g, rank=5, form="spatial")
+    convs = [n for n in spatial.nodes if n.op == "conv2d"]
+    assert [n.inputs[1].shape for n in convs] == [(5, 8, 3, 1), (12, 5, 1, 3)]
+    assert [(n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"]) for n in convs] == [
+        ((2, 1), (1, 0), (1, 1)), ((1, 1), (0, 2), (1, 2))]
+    tucker = factorize(g, rank=4, form="tucker2")
+    assert [n.inputs[1].shape for n in tucker.nodes] == [(4, 8, 1, 1), (4, 4, 3, 3), (12, 4, 1, 1)]
+    assert tucker.nodes[-1].inputs[2] is not None and tucker.nodes[0].inputs[2:] == ()
+
+
+# -- exactness and error ---------------------------------------------------------------------------
+
+CONVS = {
+    "plain": {},
+    "strided-dilated": {"stride": (2, 1), "padding": (2, 1), "dilation": (2, 1)},
+    "asymmetric": {"stride": (1, 2), "padding": (0, 2), "dilation": (1, 2)},
+    "grouped": {"groups": 2, "padding": (1, 1)},
+    "pointwise-grouped": {"groups": 4, "k": 1},
+    "5x5-wide-out": {"k": 5, "cout": 20, "padding": (2, 2)},
+}
+
+
+@pytest.mark.parametrize("form", ["channel", "spatial", "tucker2", "auto"])
+@pytest.mark.parametrize("case", sorted(CONVS))
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_full_rank_is_exact(form, case, epilogue):
+    g = conv_graph(epilogue=epilogue, **CONVS[case])
+    out = factorize(g, energy=1.0, form=form, require_saving=False)
+    done = out.meta["factorization"]["layers"]
+    grouped = CONVS[case].get("groups", 1) > 1
+    k = CONVS[case].get("k", 3)
+    expect_c = form in ("channel", "auto") or (form == "tucker2" and not grouped) or (
+        form == "spatial" and not grouped and k > 1)
+    assert ("c" in done) == expect_c, done
+    if expect_c and form != "auto":
+        assert done["c"].startswith(form)
+    assert rel_error(g, out, inputs_for(g)) <= 1e-5
+    assert deviation(run(g, inputs_for(g)), run(out, inputs_for(g))) <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(3, 20), (2, 5, 20)])
+def test_linear_full_rank_is_exact_with_epilogue(shape):
+    g = Graph("lin")
+    x = g.add_input("x", shape)
+    res = g.add_input("res", (*shape[:-1], 16))
+    g.add_node("linear", [x, const(g, (16, 20), "w"), const(g, (16,), "b"), res],
+               {"activation": "gelu"}, name="fc")
+    g.outputs = [g.nodes[-1].outputs[0]]
+    out = factorize(g, energy=1.0, require_saving=False)
+    assert out.meta["factorization"]["layers"] == {"fc": "channel 16"}
+    assert out.nodes[-1].inputs[3] is out.inputs[1] and out.nodes[-1].attrs["activation"] == "gelu"
+    assert rel_error(g, out, inputs_for(g)) <= 1e-5
+
+
+@pytest.mark.parametrize("form", ["channel", "spatial", "tucker2"])
+def test_error_does_not_grow_with_rank(form):
+    g = conv_graph(cin=16, cout=16, epilogue=False, padding=(1, 1), size=(8, 8))
+    x = inputs_for(g)
+    full = 48 if form == "spatial" else 16  # min(C_in * kh, C_out * kw) vs min(C_out, C_in)
+    errors = [rel_error(g, factorize(g, rank=r * full // 16, form=form, require_saving=False), x)
+              for r in (1, 2, 4, 8, 12, 16)]
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.3 and errors[-1] < 1e-5
+
+
+def test_relative_error_is_the_measured_weight_error():
+    w = RNG.standard_normal((12, 30))
+    svd = rs.Svd.of(w)
+    curve = rs.relative_error_curve(svd.s)
+    for r in (1, 5, 12):
+        a, b = svd.factors(r)
+        measured = np.linalg.norm(w - a @ b) ** 2 / np.linalg.norm(w) ** 2
+        assert measured == pytest.approx(curve[r - 1], abs=1e-12)
+    assert rs.energy_rank(curve, 1.0) == 12
+    assert rs.energy_rank(curve, 1 - curve[4] - 1e-9) == 5
+
+
+# -- rank selection --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,rank,noise", [((60, 100), 5, 0.1), ((64, 576), 12, 0.05),
+                                              ((200, 80), 20, 0.3)])
+def test_evbmf_recovers_the_true_rank(shape, rank, noise):
+    rng = np.random.default_rng(rank)
+    y = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+    y += noise * rng.standard_normal(shape)
+    found, sigma2 = rs.evbmf(y)
+    assert found == rank
+    assert sigma2 == pytest.approx(noise**2, rel=0.1)
+    assert rs.evbmf(rng.standard_normal(shape))[0] == 0  # pure noise has no signal
+
+
+def test_evbmf_mode_on_a_low_rank_layer():
+    g = conv_graph(cin=16, cout=24, epilogue=False, padding=(1, 1))
+    w = g.node("c").inputs[1]
+    rng = np.random.default_rng(3)
+    low = rng.standard_normal((24, 4)) @ rng.standard_normal((4, 16 * 9))
+    w.data = (low + 0.01 * rng.standard_normal(low.shape)).reshape(24, 16, 3, 3).astype(np.float32)
+    out = factorize(g, evbmf=True, form="channel")
+    assert out.meta["factorization"]["layers"] == {"c": "channel 4"}
+    assert factorize(g, evbmf=True, form="channel", round_to=8).meta["factorization"][
+        "layers"] == {"c": "channel 8"}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.g = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.bn = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        y = torch.relu(y + self.c3(y))
+        y = torch.relu(self.bn(self.dw(self.g(y))))
+        return self.fc(y.mean((2, 3)))
+
+
+def net_graph(fuse=True) -> Graph:
+    torch.manual_seed(0)
+    graph = trace(Net().eval(), torch.randn(1, 3, 16, 16))
+    if fuse:
+        PassManager(passes=["fuse"]).run(graph)
+    return graph
+
+
+@pytest.mark.parametrize("metric", ["macs", "params"])
+@pytest.mark.parametrize("target", [0.7, 0.5])
+def test_global_budget_reaches_its_target(metric, target):
+    g = net_graph()
+    out = factorize(g, target=target, target_metric=metric)
+    before, after = graph_stats(g), graph_stats(out)
+    ratio = getattr(after, metric) / getattr(before, metric)
+    assert target - 0.05 <= ratio <= target, ratio
+    assert not any(n.source == "dw" for n in out.nodes if "factorized" in n.meta)
+
+
+def test_global_budget_discards_least_energy_per_mac():
+    """Two layers, one with a fast-decaying spectrum: the budget goes to that one first."""
+    easy = [rs.Choice("channel", (r,), 100 * r, r, 0.5**r) for r in range(1, 9)]
+    hard = [rs.Choice("channel", (r,), 100 * r, r, 1 - r / 8) for r in range(1, 9)]
+    chosen, total = rs.allocate([easy, hard], [800, 800], 0, 1100)
+    assert total == 1100 and chosen[0].ranks == (3,) and chosen[1] is None
+    chosen, total = rs.allocate([easy, hard], [800, 800], 0, 600)
+    assert total == 600 and chosen[0].ranks == (2,) and chosen[1].ranks == (4,)
+
+
+def test_ratio_and_energy_modes():
+    g = net_graph()
+    half = factorize(g, ratio=0.5)
+    for node in half.nodes:
+        if node.meta.get("factorized") and node.op == "conv2d":
+            original = g.node(node.name.rsplit("_f", 1)[0])
+            assert node.meta["source"] == original.source
+    assert graph_stats(half).macs < 0.75 * graph_stats(g).macs
+    low, high = factorize(g, energy=0.5), factorize(g, energy=0.99)
+    assert graph_stats(low).macs < graph_stats(high).macs <= graph_stats(g).macs
+    x = inputs_for(g)
+    assert rel_error(g, high, x) < rel_error(g, low, x)
+
+
+def test_round_to_rounds_ranks():
+    g = net_graph()
+    out = factorize(g, ratio=0.5, round_to=4)
+    ranks = [n.inputs[1].shape[0] for n in out.nodes if n.name.endswith("_f1")]
+    assert ranks and all(r % 4 == 0 for r in ranks)
+
+
+def test_data_aware_beats_plain_svd_on_anisotropic_inputs():
+    rng = np.random.default_rng(0)
+    g = Graph("lin")
+    x = g.add_input("x", (64, 32))
+    g.add_node("linear", [x, const(g, (24, 32), "w")], name="fc")
+    g.outputs = [g.nodes[-1].outputs[0]]
+    mixing = np.linalg.qr(rng.standard_normal((32, 32)))[0] * np.geomspace(10, 0.01, 32)
+    data = (rng.standard_normal((512, 32)) @ mixing.T).astype(np.float32)
+    held_out = [(rng.standard_normal((64, 32)) @ mixing.T).astype(np.float32)]
+    plain = factorize(g, rank=4)
+    aware = factorize(g, rank=4, calibration_data=data)
+    e_plain, e_aware = rel_error(g, plain, held_out), rel_error(g, aware, held_out)
+    assert e_aware < 0.5 * e_plain, (e_aware, e_plain)
+    # and on a conv, through im2col patches, with a global budget
+    c = net_graph()
+    images = np.random.default_rng(1).random((9, 3, 16, 16), dtype=np.float32)
+    e_plain = rel_error(c, factorize(c, target=0.6, form="channel"), [images[8:]])
+    e_aware = rel_error(c, factorize(c, target=0.6, calibration_data=images[:8]), [images[8:]])
+    assert e_aware < e_plain, (e_aware, e_plain)
+
+
+# -- composition with pruning ----------------------------------------------------------------------
+
+
+def test_factorize_then_prune_the_inner_rank():
+    g = net_graph()
+    f = factorize(g, ratio=0.6, form="channel")
+    first = [n.name for n in f.nodes if n.source == "c3"][0]
+    assert first.endswith("_f1")
+    inner = f.node(first).outputs[0].shape[1]
+    pruned = f.clone()
+    PassManager(passes=[PruneChannels(ratio=0.5)]).run(pruned)
+    assert pruned.meta["pruning"]["mask_deviation"] <= 1e-4
+    assert pruned.node(first).outputs[0].shape[1] < inner
+    assert graph_stats(pruned).macs < graph_stats(f).macs
+    assert any(len(grp) == inner for grp in ChannelGroups(f).groups)
+
+
+def test_prune_then_factorize():
+    g = net_graph()
+    pruned = g.clone()
+    PassManager(passes=[PruneChannels(ratio=0.5)]).run(pruned)
+    assert pruned.meta["pruning"]["mask_deviation"] <= 1e-4
+    exact = factorize(pruned, energy=1.0, require_saving=False, form="channel")
+    assert rel_error(pruned, exact, inputs_for(pruned)) <= 1e-5
+    lossy = factorize(pruned, target=0.7)
+    assert graph_stats(lossy).macs <= 0.7 * graph_stats(pruned).macs
+
+
+# -- backends, compile(), errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_factorized_model_runs_in_backends(fuse):
+    from backends.onnx_backend import compile_onnx
+    from backends.torch_backend import compile_torch
+
+    g = factorize(net_graph(fuse), energy=0.8, form="auto")
+    assert g.meta["factorization"]["layers"]
+    x = inputs_for(g)[0]
+    ref = run(g, [x])
+    with torch.no_grad():
+        assert deviation(ref, [compile_torch(g)(torch.from_numpy(x)).numpy()]) <= 1e-4
+    assert deviation(ref, compile_onnx(g).run(x)) <= 1e-4
+
+
+def test_pass_spec_through_compile():
+    compiled = compile(net_graph(), torch.randn(1, 3, 16, 16),
+                       passes=["factorize-rank(energy=0.9, round_to=4)"], backend="onnx")
+    row = compiled.report.rows[-1]
+    assert row.name == "factorize-rank(energy=0.9, round_to=4)" and row.changed
+    assert row.macs < compiled.report.rows[0].macs
+
+
+def test_bad_options_have_clear_errors():
+    with pytest.raises(OptionError, match="exactly one of"):
+        FactorizeRank()
+    with pytest.raises(OptionError, match="exactly one of"):
+        FactorizeRank(rank=4, energy=0.9)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(OptionError, match=r"energy .* outside \(0, 1\]"):
+            FactorizeRank(energy=bad)
+    with pytest.raises(OptionError, match="form 'cp' is unknown"):
+        FactorizeRank(energy=0.9, form="cp")
+    g = net_graph()
+    with pytest.raises(OptionError, match=r"rank 40 is larger than possible.*at most 16.*c1"):
+        factorize(g, rank=40)
+    with pytest.raises(OptionError, match=r"target 0.05 of macs is unreachable.*keeps 0\.\d+"):
+        factorize(g, target=0.05)
+    with pytest.raises(OptionError, match="match no conv2d/linear"):
+        factorize(g, energy=0.9, ignore=("nothing.*",))
+    with pytest.raises(OptionError, match="channel form"):
+        factorize(g, energy=0.9, form="tucker2", calibration_data=np.zeros((1, 3, 16, 16)))
