@@ -13,6 +13,7 @@ fused epilogue (``act(conv(x, w) + b + residual)``) with the same code as the st
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -526,49 +527,68 @@ def _with_ints(op_type: str, attr: str) -> Emitter:
 # -- shared weights (compiler/ops/codebook.py) ---------------------------------------------------
 
 
-def unpack_indices(b: OnnxBuilder, packed: Tensor, bits: int, count: int) -> Tensor:
-    """int64 indices from the dense little-endian packing, with standard ops only: BitShift and
-    BitwiseAnd on the uint8 bytes for 1, 2 and 4 bits (whole indices per byte). For 3, 5, 6 and 7
-    bits each index lies in two neighbouring bytes of its group of 8 indices (``bits`` bytes):
-    Gather both bytes per position, join them into a uint32, shift and mask. (Joining the whole
-    group into one int64 word lost low bits at 7 bits: ONNX Runtime's int64 arithmetic went
-    through doubles.)"""
+_SHARED_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_const(b: OnnxBuilder, array: np.ndarray, hint: str) -> gs.Constant:
+    """One initializer per distinct small array for the whole model (the unpacking's shifts,
+    masks and byte positions are the same in every layer of a bit width)."""
+    cache = _SHARED_CONSTANTS.setdefault(b, {})
+    key = (array.dtype.str, array.shape, array.tobytes())
+    if key not in cache:
+        cache[key] = gs.Constant(b.fresh(hint), np.ascontiguousarray(array))
+    return cache[key]
+
+
+def unpack_indices(b: OnnxBuilder, packed: Tensor, bits: int) -> Tensor:
+    """int32 indices, row-major in shape (rows, indices per row), from the dense little-endian
+    packing, with standard ops only. 1, 2 and 4 bits: each byte holds whole indices, split by
+    BitShift and BitwiseAnd on uint8. 3, 5, 6 and 7 bits: each group of 8 indices is ``bits``
+    bytes and each index lies in two neighbouring bytes of its group: Gather both (as uint32),
+    join, shift and mask. (Joining a whole group into one int64 word lost low bits at 7 bits:
+    ONNX Runtime's int64 arithmetic went through doubles.) 8 bits: one index per byte."""
+    if bits == 8:
+        return b.op("Cast", packed, dtype=np.int32, to=onnx.TensorProto.INT32)
     if bits in (1, 2, 4):
-        shifts = np.arange(0, 8, bits, dtype=np.uint8)[None, :]
-        column = b.op("Unsqueeze", packed, b.ints([1]))
-        shifted = b.op("BitShift", column, b.const(shifts, "shifts"), direction="RIGHT")
-        index = b.op("BitwiseAnd", shifted, b.scalar((1 << bits) - 1, np.uint8))
-    elif bits < 8:
-        rows = b.op("Reshape", packed, b.ints([-1, bits]))
-        first_bit = np.arange(8) * bits
-        low = (first_bit >> 3).astype(np.int64)
-        high = np.minimum(low + 1, bits - 1)
-        u32 = lambda t: b.cast(b.op("Gather", rows, b.const(t, "byte"), axis=1), np.uint32)  # noqa: E731
-        high_shifted = b.op("BitShift", u32(high), b.scalar(8, np.uint32), direction="LEFT")
-        pair = b.op("BitwiseOr", u32(low), high_shifted)
-        shift = b.const((first_bit & 7).astype(np.uint32)[None, :], "shifts")
-        index = b.op("BitwiseAnd", b.op("BitShift", pair, shift, direction="RIGHT"),
-                     b.scalar((1 << bits) - 1, np.uint32))
+        shifts = shared_const(b, np.arange(0, 8, bits, dtype=np.uint8)[None, :], "shifts")
+        shifted = b.op("BitShift", b.reshape(packed, (-1, 1)), shifts, direction="RIGHT")
+        mask = shared_const(b, np.array((1 << bits) - 1, np.uint8), "mask")
     else:
-        index = packed
-    flat = b.op("Reshape", index, b.ints([-1]))
-    if packed_size(count, bits) * 8 // bits != count:  # padded to a multiple of 8 indices
-        flat = b.op("Slice", flat, b.ints([0]), b.ints([count]), b.ints([0]))
-    return b.cast(flat, np.int64)
+        rows = b.op("Cast", b.reshape(packed, (-1, bits)), dtype=np.uint32,
+                    to=onnx.TensorProto.UINT32)
+        first_bit = np.arange(8) * bits
+        low = (first_bit >> 3).astype(np.int32)
+        high = np.minimum(low + 1, bits - 1)
+        byte = lambda at: b.op("Gather", rows, shared_const(b, at, "byte"), axis=1)  # noqa: E731
+        eight = shared_const(b, np.array(8, np.uint32), "eight")
+        pair = b.op("BitwiseOr", byte(low), b.op("BitShift", byte(high), eight, direction="LEFT"))
+        shifts = shared_const(b, (first_bit & 7).astype(np.uint32)[None, :], "shifts")
+        shifted = b.op("BitShift", pair, shifts, direction="RIGHT")
+        mask = shared_const(b, np.array((1 << bits) - 1, np.uint32), "mask")
+    index = b.op("BitwiseAnd", shifted, mask)
+    return b.op("Cast", index, dtype=np.int32, to=onnx.TensorProto.INT32)
 
 
 def emit_codebook_lookup(b: OnnxBuilder, node: Node, codebook: Tensor, indices: Tensor) -> Tensor:
-    """Gather from the flattened codebook; group g's indices are offset by g * K."""
+    """Gather from the codebook (GatherElements along each group's row when there are several);
+    the padding of the last group of 8 indices is sliced off first."""
     shape, bits = node.attrs["shape"], node.attrs["bits"]
-    groups, k = node.inputs[0].shape
+    groups = node.inputs[0].shape[0]
     count = math.prod(shape)
-    index = unpack_indices(b, indices, bits, count)
-    if groups > 1:
-        offsets = (np.arange(groups, dtype=np.int64) * k)[:, None]
+    # Short names for the ~6-12 intermediate tensors ("cb_7/bitshift"): named after the IR node,
+    # each appears three times (node output, next input, value_info), which cost ~100 bytes per
+    # node, about a fifth of a 4-bit ResNet-56 file. The output keeps the IR value's name.
+    b.prefix = ""
+    b.prefix = b.fresh("cb")
+    index = unpack_indices(b, indices, bits)
+    if packed_size(count, bits) * 8 // bits != count:
+        index = b.op("Slice", b.reshape(index, (-1,)), b.ints([0]), b.ints([count]), b.ints([0]))
+    if groups == 1:
+        weight = b.op("Gather", b.reshape(codebook, (-1,)), index, axis=0, dtype=codebook.dtype)
+    else:
         index = b.reshape(index, (groups, count // groups))
-        index = b.op("Add", index, b.const(offsets, "offsets"))
-    table = b.reshape(codebook, (groups * k,))
-    return b.reshape(b.op("Gather", table, index, axis=0, dtype=codebook.dtype), shape)
+        weight = b.op("GatherElements", codebook, index, axis=1, dtype=codebook.dtype)
+    return b.reshape(weight, shape)
 
 
 # -- the table -----------------------------------------------------------------------------------

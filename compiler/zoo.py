@@ -133,6 +133,14 @@ def check_model(
                 result["deviation"][check] = r.get("full_rank_deviation", float("inf"))
                 result[check] = r["factorized"]
                 continue
+            elif check == "shared":
+                r = check_sharing(graph, x.numpy(), tolerance)
+                result["sharing"] = r
+                result["deviation"][check] = r.get("backend_deviation", float("inf"))
+                result[check] = r["shared"]
+                if "error" in r:
+                    result.setdefault("error", f"shared: {r['error']}")
+                continue
             else:
                 raise ValueError(f"unknown check {check!r}")
             dev = deviation(reference, [np.asarray(o) for o in outs])
@@ -240,6 +248,42 @@ def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) 
             and r["backend_deviation"] <= tolerance
             and (lowered or not r["applicable"])
         )
+    except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
+        r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return r
+
+
+def check_sharing(graph, x, tolerance: float = 1e-4, bits: int = 4) -> dict:
+    """Share a fused graph's conv2d/linear weights at ``bits`` (k-means, one codebook per layer)
+    and run it in torch and ONNX Runtime: ``shared`` is True when at least one layer was shared and
+    both match the interpreter on the shared graph within ``tolerance``. Also records the lossy
+    deviation from the dense graph, the weight bytes before/after and the ONNX file bytes."""
+    import torch
+
+    from backends.onnx_backend import compile_onnx
+    from backends.torch_backend import compile_torch
+    from compiler.interpreter import run
+    from compiler.pass_manager import PassManager, deviation
+    from compiler.report import graph_stats
+    from passes.weight_sharing import ShareWeights
+
+    r: dict = {"shared": False}
+    try:
+        dense = run(graph, [x])
+        shared = graph.clone()
+        PassManager(passes=[ShareWeights(bits=bits)], example_inputs=None).run(shared)
+        meta = shared.meta["weight_sharing"]
+        r["layers"], r["skipped"] = meta["shared"], len(meta["skipped"])
+        r["weight_bytes"] = (graph_stats(graph).weight_bytes, graph_stats(shared).weight_bytes)
+        ref = run(shared, [x])
+        r["sharing_deviation"] = deviation(dense, ref)
+        with torch.no_grad():
+            t_out = [compile_torch(shared)(torch.from_numpy(x)).numpy()]
+        onnx_model = compile_onnx(shared)
+        o_out = onnx_model.run(x)
+        r["onnx_bytes"] = onnx_model.model.ByteSize()
+        r["backend_deviation"] = max(deviation(ref, t_out), deviation(ref, o_out))
+        r["shared"] = bool(r["layers"] > 0 and r["backend_deviation"] <= tolerance)
     except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
         r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     return r

@@ -1,0 +1,221 @@
+"""Share the weights of the pretrained CIFAR-10 ResNet-56 at 8, 5, 4 and 3 bits: accuracy on
+test_dev_2k without and with a short centroid fine-tune, ONNX and numba artifact bytes (on disk and
+zipped) against fp32, numba decode-at-load vs decode-per-call; then the Deep-Compression-style
+pipeline prune + share with its total compression ratio.
+
+    python benchmarks/share_cifar.py                          # the full table (tens of minutes)
+    python benchmarks/share_cifar.py --bits 4 --epochs 0.1 --no-pipeline
+
+Needs ../shared/data (or $SLIMGRAPH_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import backends.numba_emitters as numba_emitters  # noqa: E402
+from backends.numba_backend import compile_numba  # noqa: E402
+from backends.onnx_backend import compile_onnx  # noqa: E402
+from backends.torch_backend import compile_torch, to_graph  # noqa: E402
+from compiler import cifar  # noqa: E402
+from compiler.api import compile  # noqa: E402
+from compiler.pass_manager import PassManager  # noqa: E402
+from passes.pruning import PruneChannels  # noqa: E402
+from passes.weight_sharing import ShareWeights  # noqa: E402
+
+BATCH = 50  # traced batch of the ONNX and numba artifacts (the torch module takes any)
+
+
+def zipped_size(files: dict[str, bytes]) -> int:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return len(buf.getvalue())
+
+
+def onnx_sizes(graph) -> tuple[int, int, object]:
+    model = compile_onnx(graph, threads=1)
+    data = model.model.SerializeToString()
+    return len(data), zipped_size({"model.onnx": data}), model
+
+
+def numba_sizes(graph) -> tuple[int, int, object]:
+    """Bytes of the saved numba package's weights.npz (the code is the same for every model)."""
+    model = compile_numba(graph)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save(Path(tmp) / "pkg")
+        data = (path / "weights.npz").read_bytes()
+    return len(data), zipped_size({"weights.npz": data}), model
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def numba_modes(dense, repeats: int) -> dict[str, tuple[float, int]]:
+    """Median latency (ms) and resident bytes (the weights dict after a call, plus the activation
+    arena) of the numba model of ``dense``, and of it shared at 4 bits with the weights decoded
+    at load or per call; the three run in rotation so machine load hits them alike."""
+    shared = compile(dense, passes=[ShareWeights(bits=4)], check=False).graph
+    x = np.random.default_rng(0).random(dense.inputs[0].shape, dtype=np.float32)
+    models = {"dense": compile_numba(dense)}
+    for mode in ("load", "call"):
+        numba_emitters.CODEBOOK_DECODE = mode
+        models[mode] = compile_numba(shared)
+    numba_emitters.CODEBOOK_DECODE = "load"
+    for m in models.values():
+        m.run(x)
+    times: dict[str, list[float]] = {mode: [] for mode in models}
+    for _ in range(repeats):
+        for mode, m in models.items():
+            t = time.perf_counter()
+            m.run(x)
+            times[mode].append(time.perf_counter() - t)
+    out = {}
+    for mode, m in models.items():
+        resident = sum(v.nbytes for v in m.model.w.values()) + m.peak_bytes
+        out[mode] = (1000 * statistics.median(times[mode]), resident)
+    return out
+
+
+def evaluate_onnx(model, x, y) -> float:
+    return cifar.evaluate(lambda batch: model.run(batch)[0], x, y, batch_size=BATCH)
+
+
+def share_and_tune(graph, bits: int, epochs: float, lr: float, data, groups: int = 1):
+    """Share ``graph`` at ``bits``; returns (graph, acc before, acc after fine-tune, seconds)."""
+    x_dev, y_dev, x_train, y_train = data
+    shared = compile(graph, passes=[ShareWeights(bits=bits, groups=groups)], check=False).graph
+    module = compile_torch(shared)
+    acc0 = cifar.evaluate(module, x_dev, y_dev)
+    acc1, seconds = float("nan"), 0.0
+    if epochs > 0:
+        start = time.perf_counter()
+        cifar.finetune(module, x_train, y_train, epochs=epochs, lr=lr)
+        seconds = time.perf_counter() - start
+        acc1 = cifar.evaluate(module, x_dev, y_dev)
+        shared = to_graph(module)
+    return shared, acc0, acc1, seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", default="8,5,4,3")
+    ap.add_argument("--epochs", type=float, default=0.25, help="centroid fine-tune, in epochs")
+    ap.add_argument("--lr", type=float, default=1e-4, help="centroid fine-tune learning rate")
+    ap.add_argument("--groups", type=int, default=1, help="codebooks per layer")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-pipeline", action="store_true")
+    ap.add_argument("--prune-target", type=float, default=0.4,
+                    help="fraction of the params prune-channels keeps in the pipeline")
+    ap.add_argument("--prune-epochs", type=float, default=0.5)
+    ap.add_argument("--pipeline-bits", default="4")
+    args = ap.parse_args()
+    if not cifar.data_available("cifar10/test_dev_2k.npz", "cifar10/train_20k.npz",
+                                "resnet_cifar10"):
+        print(f"share_cifar: skipped, no data under {cifar.data_dir()}")
+        return 0
+    torch.set_num_threads(2)
+    x_dev, y_dev = cifar.load_cifar("test_dev_2k")
+    x_train, y_train = cifar.load_cifar("train_20k")
+    data = (x_dev, y_dev, x_train, y_train)
+    model = cifar.load_pretrained(56)
+    unfused = compile(model, torch.zeros(BATCH, 3, 32, 32), check=False).graph
+    dense = compile(unfused, passes=["fuse"], check=False).graph
+    base_acc = cifar.evaluate(model, x_dev, y_dev)
+    fp32_onnx, fp32_onnx_zip, fp32_model = onnx_sizes(dense)
+    fp32_numba, fp32_numba_zip, _ = numba_sizes(dense)
+    fp32_ort = evaluate_onnx(fp32_model, x_dev, y_dev)
+    print(f"fp32: {base_acc:.2f} %, ONNX {fp32_onnx} B ({fp32_onnx_zip} zipped), numba weights "
+          f"{fp32_numba} B ({fp32_numba_zip} zipped), ORT {fp32_ort:.2f} %", flush=True)
+    rows = []
+    for bits in [int(b) for b in args.bits.split(",") if b]:
+        shared, acc0, acc1, secs = share_and_tune(dense, bits, args.epochs, args.lr, data,
+                                                  args.groups)
+        size, zsize, onnx_model = onnx_sizes(shared)
+        nsize, nzsize, _ = numba_sizes(shared)
+        ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
+        rows.append((f"share {bits} bits", acc0, acc1, ort_acc, size, zsize, nsize, nzsize))
+        print(rows[-1], f"fine-tune {secs:.0f} s", flush=True)
+    if not args.no_pipeline:
+        for bits in [int(b) for b in args.pipeline_bits.split(",") if b]:
+            rows.append(pipeline(unfused, bits, args, data))
+            print(rows[-1], flush=True)
+    batch1 = compile(model, torch.zeros(1, 3, 32, 32), passes=["fuse"], check=False).graph
+    modes = numba_modes(batch1, args.repeats)
+    print_table(base_acc, rows, fp32_onnx, fp32_onnx_zip, fp32_numba, fp32_numba_zip, args)
+    print(f"numba, batch 1, median of {args.repeats}: dense "
+          f"{modes['dense'][0]:.2f} ms, resident {modes['dense'][1]} B; 4-bit shared decoded at "
+          f"load {modes['load'][0]:.2f} ms, resident {modes['load'][1]} B; decoded per call "
+          f"{modes['call'][0]:.2f} ms, resident {modes['call'][1]} B")
+    return 0
+
+
+def pipeline(unfused, bits: int, args, data) -> tuple:
+    """prune-channels (block-internal, l1, params target) on the unfused graph, fine-tune with live
+    batch norms, fuse, share, fine-tune the centroids."""
+    x_dev, y_dev, x_train, y_train = data
+    pruner = PruneChannels(target=args.prune_target, target_metric="params", scope="global",
+                           criterion="l1", round_to=4, shortcut=False)
+    pruned = unfused.clone()
+    PassManager(passes=[pruner]).run(pruned)
+    module = compile_torch(pruned)
+    if args.prune_epochs > 0:
+        cifar.finetune(module, x_train, y_train, epochs=args.prune_epochs, lr=0.01)
+    acc_pruned = cifar.evaluate(module, x_dev, y_dev)
+    fused = compile(to_graph(module), passes=["fuse"], check=False).graph
+    shared, acc0, acc1, _ = share_and_tune(fused, bits, args.epochs, args.lr, data, args.groups)
+    size, zsize, onnx_model = onnx_sizes(shared)
+    nsize, nzsize, _ = numba_sizes(shared)
+    ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
+    print(f"pipeline: pruned to {args.prune_target} of the params, {acc_pruned:.2f} % after "
+          f"{args.prune_epochs} epochs", flush=True)
+    return (f"prune {args.prune_target}+share {bits}", acc0, acc1, ort_acc, size, zsize, nsize,
+            nzsize)
+
+
+def print_table(base_acc, rows, fp32_onnx, fp32_zip, fp32_numba, fp32_numba_zip, args) -> None:
+    print()
+    print(f"ResNet-56, test_dev_2k top-1; fine-tune {args.epochs} epoch of train_20k, lr "
+          f"{args.lr}; sizes in bytes, x = fp32 / this")
+    print(f"{'config':22s} {'acc':>6s} {'acc+ft':>6s} {'ORT':>6s} {'ONNX':>8s} {'x':>5s} "
+          f"{'zipped':>8s} {'x':>5s} {'numba':>8s} {'x':>5s} {'zipped':>8s} {'x':>5s}")
+    print(f"{'fp32':22s} {base_acc:6.2f} {base_acc:6.2f} {base_acc:6.2f} {fp32_onnx:8d} {1:5.2f} "
+          f"{fp32_zip:8d} {1:5.2f} {fp32_numba:8d} {1:5.2f} {fp32_numba_zip:8d} {1:5.2f}")
+    for name, a0, a1, ort, size, zsize, nsize, nzsize in rows:
+        print(f"{name:22s} {a0:6.2f} {a1:6.2f} {ort:6.2f} {size:8d} {fp32_onnx / size:5.2f} "
+              f"{zsize:8d} {fp32_onnx / zsize:5.2f} {nsize:8d} {fp32_numba / nsize:5.2f} "
+              f"{nzsize:8d} {fp32_numba / nzsize:5.2f}")
+    ok = [r for r in rows if r[0].startswith("share") and base_acc - r[3] <= 1]
+    if ok:
+        best = max(ok, key=lambda r: fp32_onnx / r[4])
+        print(f"share_cifar: best within 1 pt: {best[0]}, ONNX {fp32_onnx / best[4]:.2f}x smaller "
+              f"({fp32_onnx / best[5]:.2f}x zipped), {best[3]:.2f} % vs {base_acc:.2f} % fp32")
+    for r in rows:
+        if r[0].startswith("prune"):
+            print(f"share_cifar: {r[0]}: ONNX {fp32_onnx / r[4]:.2f}x smaller "
+                  f"({fp32_onnx / r[5]:.2f}x zipped), {r[3]:.2f} % ({r[3] - base_acc:+.2f} pt)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

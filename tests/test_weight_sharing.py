@@ -1,0 +1,348 @@
+"""share-weights: golden IR, 1-D k-means properties, bit packing, backends against the
+interpreter, the centroid gradient rule, a fine-tune round trip, errors, and two zoo models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import backends.numba_emitters as numba_emitters
+from backends.numba_backend import compile_numba
+from backends.onnx_backend import compile_onnx
+from backends.torch_backend import compile_torch, to_graph
+from compiler.errors import OptionError, PassError
+from compiler.interpreter import run
+from compiler.ir import Graph
+from compiler.ops.codebook import pack_indices, packed_size, unpack_indices
+from compiler.pass_manager import PassManager, deviation
+from passes.cleanup import FoldConstants
+from passes.weight_sharing import ShareWeights, kmeans_1d
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def conv_net(out1: int = 8, with_bn: bool = False) -> Graph:
+    """x -> conv(3->out1, 3x3, relu) [-> batch_norm] -> conv(out1->4, 3x3) -> mean -> linear(4->5)."""
+    g = Graph("net")
+    x = g.add_input("x", (2, 3, 6, 6))
+    c1 = g.add_node("conv2d", [x, g.constant(randn(out1, 3, 3, 3), "conv1.weight"),
+                               g.constant(randn(out1), "conv1.bias")],
+                    {"padding": (1, 1), "activation": None if with_bn else "relu"}, name="conv1",
+                    meta={"source": "conv1"})
+    y = c1.outputs[0]
+    if with_bn:
+        bn = g.add_node("batch_norm", [y, *(g.constant(np.abs(randn(out1)) + 0.5, f"bn.{n}")
+                                            for n in ("scale", "shift", "mean", "var"))])
+        y = bn.outputs[0]
+    c2 = g.add_node("conv2d", [y, g.constant(randn(4, out1, 3, 3), "conv2.weight")],
+                    {"padding": (1, 1)}, name="conv2", meta={"source": "block.conv2"})
+    m = g.add_node("mean", [c2.outputs[0]], {"axes": (2, 3)})
+    fc = g.add_node("linear", [m.outputs[0], g.constant(randn(5, 4), "fc.weight")], name="fc",
+                    meta={"source": "fc"})
+    g.outputs = [fc.outputs[0]]
+    g.verify()
+    return g
+
+
+def share(graph: Graph, **options) -> Graph:
+    graph = graph.clone()
+    PassManager(passes=[ShareWeights(**options)]).run(graph)
+    return graph
+
+
+# -- golden IR ------------------------------------------------------------------------------------
+
+GOLDEN = """\
+graph net(
+    %x: float32[2,3,6,6],
+) {
+  $conv1.weight.codebook: float32[1,4]
+  $conv1.weight.indices: uint8[54]
+  $conv1.bias: float32[8]
+  $conv2.weight.codebook: float32[2,4]
+  $conv2.weight.indices: uint8[72]
+  $fc.weight: float32[5,4]
+  %conv1.weight.shared: float32[8,3,3,3] = codebook_lookup($conv1.weight.codebook, $conv1.weight.indices) {bits=2, shape=[8, 3, 3, 3]}
+  %conv1: float32[2,8,6,6] = conv2d(%x, %conv1.weight.shared, $conv1.bias) {activation='relu', dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
+  %conv2.weight.shared: float32[4,8,3,3] = codebook_lookup($conv2.weight.codebook, $conv2.weight.indices) {bits=2, shape=[4, 8, 3, 3]}
+  %conv2: float32[2,4,6,6] = conv2d(%conv1, %conv2.weight.shared) {dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
+  %mean: float32[2,4] = mean(%conv2) {axes=[2, 3], keepdims=False}
+  %fc: float32[2,5] = linear(%mean, $fc.weight)
+  return %fc
+}"""  # noqa: E501
+
+
+def test_golden_share_small_net():
+    # conv1 (216 weights, one codebook), conv2 (288, two groups of 2 output channels), fc (20 < 100)
+    shared = conv_net()
+    PassManager(passes=[ShareWeights(bits=2, min_weights=100, ignore=("block.*",)),
+                        ShareWeights(bits=2, groups=2, min_weights=100)]).run(shared)
+    assert str(shared) == GOLDEN
+    meta = shared.meta["weight_sharing"]
+    assert meta["shared"] == 1 and ("fc.weight", "20 weights < min_weights=100") in meta["skipped"]
+
+
+def test_shared_weights_are_the_nearest_centroids():
+    graph = conv_net()
+    shared = share(graph, bits=3, min_weights=0)
+    for node in shared.find("codebook_lookup"):
+        dense = graph.constants()[[c.name for c in graph.constants()].index(
+            node.outputs[0].name.removesuffix(".shared"))].data
+        codebook = node.inputs[0].data[0]
+        got = run_lookup(node)
+        nearest = codebook[np.abs(dense[..., None] - codebook).argmin(-1)]
+        np.testing.assert_allclose(got, nearest, rtol=0, atol=1e-6)
+
+
+def run_lookup(node) -> np.ndarray:
+    from compiler.op_table import get_op
+
+    return get_op("codebook_lookup").run([v.data for v in node.inputs], node.attrs)[0]
+
+
+# -- k-means ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["linear", "density", "kmeans++"])
+def test_kmeans_sorted_deterministic_nearest(init):
+    x = rng.standard_normal(5000) ** 3
+    c1, a1 = kmeans_1d(x, 16, init=init, seed=3)
+    c2, a2 = kmeans_1d(x, 16, init=init, seed=3)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(a1, a2)
+    assert np.all(np.diff(c1) >= 0)
+    distance = np.abs(x[:, None] - c1[None, :])
+    assert np.all(distance[np.arange(x.size), a1] <= distance.min(axis=1) + 1e-12)
+    # a Lloyd fixed point: each non-empty centroid is the mean of its members
+    for j in range(16):
+        if np.any(a1 == j):
+            assert abs(c1[j] - x[a1 == j].mean()) < 1e-9 * max(1.0, abs(c1[j]))
+
+
+def test_kmeans_error_decreases_with_bits_and_8_bits_is_near_lossless():
+    w = randn(32, 16, 3, 3)  # 4608 weights
+    errors = []
+    for bits in range(1, 9):
+        c, a = kmeans_1d(w, 1 << bits)
+        errors.append(float(np.mean((w.reshape(-1) - c[a]) ** 2)))
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    c, a = kmeans_1d(w, 256)
+    # 256 centroids for 4608 values: every weight within 1 % of the range of the weights
+    assert np.abs(w.reshape(-1) - c[a]).max() <= 0.01 * float(w.max() - w.min())
+
+
+def test_kmeans_importance_pulls_centroids_to_important_weights():
+    x = rng.standard_normal(4000)
+    important = np.abs(x) > 2  # the tails, 5 % of the weights
+    plain_c, plain_a = kmeans_1d(x, 4)
+    weights = np.where(important, 100.0, 1.0)
+    c, a = kmeans_1d(x, 4, weights=weights)
+    err = lambda cc, aa: float(np.mean((x - cc[aa])[important] ** 2))  # noqa: E731
+    assert err(c, a) < 0.5 * err(plain_c, plain_a)
+
+
+def test_kmeans_errors():
+    with pytest.raises(OptionError, match="1 <= k"):
+        kmeans_1d(np.zeros(3), 4)
+    with pytest.raises(OptionError, match="unknown init"):
+        kmeans_1d(np.zeros(8), 2, init="random")
+    with pytest.raises(OptionError, match="importance"):
+        kmeans_1d(np.zeros(8), 2, weights=-np.ones(8))
+
+
+# -- packing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip(bits):
+    for count in (1, 7, 8, 9, 1001):
+        idx = rng.integers(0, 1 << bits, count).astype(np.uint8)
+        packed = pack_indices(idx, bits)
+        assert packed.dtype == np.uint8 and packed.size == packed_size(count, bits)
+        np.testing.assert_array_equal(unpack_indices(packed, bits, count), idx)
+
+
+def test_pack_layout_is_little_endian_low_bits_first():
+    np.testing.assert_array_equal(pack_indices(np.array([1, 2, 3, 4, 0, 0, 0, 15]), 4),
+                                  [0x21, 0x43, 0x00, 0xF0])
+    np.testing.assert_array_equal(pack_indices(np.array([1, 2, 3, 0]), 2), [0b00111001, 0])
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_indices(np.array([4]), 2)
+
+
+# -- backends --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits, groups", [(2, 1), (3, 2), (4, 4), (8, 1)])
+def test_backends_match_the_interpreter(bits, groups):
+    graph = share(conv_net(), bits=bits, groups=groups, min_weights=0, ignore=("fc",))
+    x = randn(2, 3, 6, 6)
+    (want,) = run(graph, [x])
+    with torch.no_grad():
+        got_torch = compile_torch(graph)(torch.from_numpy(x)).numpy()
+    onnx_model = compile_onnx(graph)
+    ops = {n.op_type for n in onnx_model.model.graph.node}
+    assert ("BitShift" in ops or bits == 8) and ("Gather" if groups == 1 else "GatherElements") in ops
+    results = {"torch": got_torch, "onnx": onnx_model.run(x)[0]}
+    for mode in ("load", "call"):
+        numba_emitters.CODEBOOK_DECODE = mode
+        try:
+            model = compile_numba(graph)
+            results[f"numba-{mode}"] = model.run(x)[0]
+            results[f"numba-{mode}-again"] = model.run(x)[0]
+        finally:
+            numba_emitters.CODEBOOK_DECODE = "load"
+    for name, got in results.items():
+        assert deviation([want], [got]) <= 1e-5, name
+
+
+def test_onnx_file_shrinks_and_numba_package_stays_packed(tmp_path):
+    g = Graph("big")
+    x = g.add_input("x", (1, 64, 4, 4))
+    node = g.add_node("conv2d", [x, g.constant(randn(64, 64, 3, 3), "w")], {"padding": (1, 1)})
+    g.outputs = [node.outputs[0]]
+    dense = compile_onnx(g).model.ByteSize()
+    shared = share(g, bits=4)
+    assert compile_onnx(shared).model.ByteSize() < dense / 7
+    path = compile_numba(shared).save(tmp_path / "pkg")
+    with np.load(path / "weights.npz") as f:
+        assert {"w.codebook", "w.indices"} <= set(f.files) and "w" not in f.files
+        assert sum(f[k].nbytes for k in f.files) < 64 * 64 * 9 * 4 / 7
+
+
+def test_fold_constants_leaves_the_lookup_alone():
+    graph = share(conv_net(), bits=2, min_weights=0)
+    before = str(graph)
+    assert not FoldConstants().run(graph)
+    assert str(graph) == before
+
+
+# -- fine-tuning the centroids ---------------------------------------------------------------------
+
+
+def test_centroid_gradient_is_the_sum_over_members():
+    graph = share(conv_net(), bits=3, groups=2, min_weights=0)
+    lookup = graph.find("codebook_lookup")[1]  # conv2's
+    module = compile_torch(graph)
+    x = torch.from_numpy(randn(2, 3, 6, 6))
+    probe = torch.from_numpy(randn(2, 5))
+    (module(x) * probe).sum().backward()
+    name = "conv2_weight_codebook"
+    got = getattr(module, name).grad.numpy()
+    # the same graph with conv2's weight dense (a parameter): its gradient, summed per centroid
+    dense = graph.clone()
+    dense_lookup = dense.node(lookup.name)
+    weight = dense.constant(run_lookup(lookup), "conv2.dense")
+    dense.replace_all_uses(dense_lookup.outputs[0], weight)
+    dense.erase_node(dense_lookup)
+    dense_module = compile_torch(dense)
+    (dense_module(x) * probe).sum().backward()
+    w_grad = dense_module.conv2_dense.grad.numpy().reshape(2, -1)
+    index = unpack_indices(lookup.inputs[1].data, 3, w_grad.size).reshape(2, -1)
+    want = np.zeros((2, 8))
+    for g in range(2):
+        np.add.at(want[g], index[g], w_grad[g])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert isinstance(getattr(module, name), torch.nn.Parameter)
+    assert not any("indices" in n for n, _ in module.named_parameters())
+
+
+def test_fine_tune_round_trips_into_the_ir():
+    graph = share(conv_net(), bits=2, min_weights=0)
+    module = compile_torch(graph)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    x = torch.from_numpy(randn(2, 3, 6, 6))
+    for _ in range(3):
+        optimizer.zero_grad()
+        module(x).square().mean().backward()
+        optimizer.step()
+    tuned = to_graph(module)
+    assert len(tuned.find("codebook_lookup")) == 3
+    before = {c.name: c.data for c in graph.constants()}
+    after = {c.name: c.data for c in tuned.constants()}
+    assert not np.array_equal(before["conv1.weight.codebook"], after["conv1.weight.codebook"])
+    np.testing.assert_array_equal(before["conv1.weight.indices"], after["conv1.weight.indices"])
+    np.testing.assert_allclose(after["conv1.weight.codebook"],
+                               module.conv1_weight_codebook.detach().numpy())
+    with torch.no_grad():
+        want = module(x).numpy()
+    assert deviation([want], run(tuned, [x.numpy()])) <= 1e-5
+
+
+# -- options, skips and errors ---------------------------------------------------------------------
+
+
+def test_groups_fall_back_to_a_divisor_of_the_output_channels():
+    # conv1 has 8 output channels, conv2 4, fc 5: groups=4 gives 4, 4 and 1 codebooks
+    graph = share(conv_net(), bits=1, groups=4, min_weights=0)
+    rows = {n.name: n.inputs[0].shape[0] for n in graph.find("codebook_lookup")}
+    assert rows == {"conv1.weight.shared": 4, "conv2.weight.shared": 4, "fc.weight.shared": 1}
+
+
+def test_skips_are_recorded_with_reasons():
+    graph = share(conv_net(), bits=5, min_weights=0, skip_first=True, skip_last=True)
+    skipped = dict(graph.meta["weight_sharing"]["skipped"])
+    assert skipped == {"conv1.weight": "first layer", "fc.weight": "last layer"}
+    # conv2 has 288 weights: at 8 bits (256 clusters) one group fits, two groups of 144 do not
+    graph = share(conv_net(), bits=8, groups=2, min_weights=0)
+    skipped = dict(graph.meta["weight_sharing"]["skipped"])
+    assert skipped["conv2.weight"] == "144 weights per group < 256 clusters"
+    assert skipped["fc.weight"] == "20 weights per group < 256 clusters"  # 5 rows: 1 group
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bits": 0}, "outside 1..8"),
+    ({"bits": 9}, "outside 1..8"),
+    ({"groups": 0}, "groups"),
+    ({"init": "uniform"}, "unknown init"),
+    ({"importance": 3}, "importance"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(OptionError, match=message):
+        ShareWeights(**options)
+
+
+def test_errors_name_the_layer_and_the_fix():
+    with pytest.raises(OptionError, match=r"ignore pattern\(s\) \['nope'\]"):
+        share(conv_net(), ignore=("nope",))
+    with pytest.raises(OptionError, match="importance for 'conv1.weight' has shape"):
+        share(conv_net(), bits=2, min_weights=0, importance={"conv1.weight": np.ones(3)})
+    with pytest.raises(PassError, match="run 'fuse' before 'share-weights'"):
+        share(conv_net(with_bn=True), bits=2, min_weights=0)
+    shared = share(conv_net(with_bn=True), bits=2, min_weights=0, allow_unfused=True)
+    assert len(shared.find("batch_norm")) == 1
+
+
+def test_importance_by_module_path_and_function():
+    graph = conv_net()
+    w = next(c for c in graph.constants() if c.name == "conv2.weight").data
+    by_path = share(graph, bits=2, min_weights=0, importance={"block.conv2": np.abs(w)})
+    by_fn = share(graph, bits=2, min_weights=0, importance=lambda node, w: np.abs(w))
+    a = next(c for c in by_path.constants() if c.name == "conv2.weight.codebook").data
+    b = next(c for c in by_fn.constants() if c.name == "conv2.weight.codebook").data
+    plain = next(c for c in share(graph, bits=2, min_weights=0).constants()
+                 if c.name == "conv2.weight.codebook").data
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, plain)
+
+
+# -- zoo models ------------------------------------------------------------------------------------
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_zoo_model_shared_at_4_bits(name):
+    from compiler.zoo import check_model
+
+    result = check_model(name, checks=("shared",))
+    assert "error" not in result, result["error"]
+    r = result["sharing"]
+    assert r["shared"] and r["layers"] > 10, r
+    assert r["backend_deviation"] <= 1e-4
+    assert r["weight_bytes"][1] < r["weight_bytes"][0] / 6
+    assert 0 < r["sharing_deviation"] < 1  # lossy, but the same function
