@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from backends.onnx_emitters import OnnxBuilder, Tensor
 from compiler.ir import Node
@@ -25,7 +26,16 @@ def _float(b: OnnxBuilder, t: Tensor) -> Tensor:
     return b.op("Cast", t, dtype=np.float32, to=onnx.TensorProto.FLOAT)
 
 
+def _scalar(b: OnnxBuilder, t: Tensor | None, value) -> Tensor | None:
+    """A 0-d parameter as a 0-d ONNX constant (the backend's initializers are at least 1-D, and
+    ONNX Runtime's QDQ fusion of Add wants scalar scales and zero points)."""
+    if t is None or value is None or value.shape != ():
+        return t
+    return gs.Constant(b.fresh(t.name), np.asarray(t.values).reshape(()))
+
+
 def emit_quantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) -> Tensor:
+    scale, zero_point = _scalars(b, node, scale, zero_point)
     a = node.attrs
     dtype = np.dtype(node.outputs[0].dtype)
     lo, hi = quant_range(str(dtype), a["bits"])
@@ -46,7 +56,13 @@ def emit_quantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) 
     return q
 
 
+def _scalars(b: OnnxBuilder, node: Node, scale, zero_point):
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    return _scalar(b, scale, node.inputs[1]), _scalar(b, zero_point, zp)
+
+
 def emit_dequantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) -> Tensor:
+    scale, zero_point = _scalars(b, node, scale, zero_point)
     block, axis = node.attrs["block_size"], _axis(node)
     if not block or b.opset >= 21:
         extra = {"block_size": block} if block else {}
@@ -66,3 +82,35 @@ QUANT_EMITTERS = {
     "quantize_linear": emit_quantize_linear,
     "dequantize_linear": emit_dequantize_linear,
 }
+
+
+def kernel_profile(model: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 5,
+                   threads: int = 1) -> dict[str, float]:
+    """Microseconds per kernel type (``QLinearConv``, ``Conv``...) that ONNX Runtime spends over
+    ``runs`` runs, read from its profile: which kernels the optimized session really executes."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        feeds = {i.name: a for i, a in zip(session.get_inputs(), inputs, strict=True)}
+        for _ in range(runs):
+            session.run(None, feeds)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + float(e.get("dur", 0))
+    return totals

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ import numpy as np
 
 from compiler.errors import InputError, OptionError
 from compiler.ir import Graph
-from compiler.pass_manager import Pass, PassManager
+from compiler.pass_manager import Pass, PassManager, resolve_passes
 from compiler.report import Report
 
 BACKENDS = ("torch", "onnx", "numba")
@@ -133,6 +134,83 @@ def _check_inputs(graph: Graph, example_inputs: Any) -> list[np.ndarray]:
     return [_to_numpy(x) for x in ex]
 
 
+def calibration_inputs(graph: Graph, data: Any) -> list[np.ndarray]:
+    """Calibration data as one array per graph input, the samples stacked along the batch axis.
+
+    ``data`` is an iterable of example inputs (each a tensor/array, or a tuple with one per graph
+    input), each shaped like the graph's inputs except for the batch; or one array (a tensor)
+    already stacked, or a list with one stacked array per input of a multi-input graph.
+
+    Raises:
+        InputError: no samples, a sample of the wrong rank, shape or dtype.
+    """
+    specs = graph.inputs
+    if hasattr(data, "shape") or (
+        isinstance(data, (list, tuple)) and len(specs) > 1 and len(data) == len(specs)
+        and all(hasattr(d, "shape") and len(d.shape) == len(v.shape) for d, v in zip(data, specs))
+    ):
+        samples = [data if hasattr(data, "shape") else tuple(data)]
+    else:
+        try:
+            samples = list(data)
+        except TypeError:
+            raise InputError(
+                f"calibration data must be an iterable of example inputs, got "
+                f"{type(data).__name__}",
+                hint="pass a list of arrays shaped like the example input",
+            ) from None
+    if not samples:
+        raise InputError("calibration data is empty",
+                         hint="give at least one example input (100-1000 is typical)")
+    columns: list[list[np.ndarray]] = [[] for _ in specs]
+    for k, sample in enumerate(samples):
+        arrays = sample if isinstance(sample, (list, tuple)) else [sample]
+        if len(arrays) != len(specs):
+            raise InputError(
+                f"calibration sample {k} has {len(arrays)} array(s), the graph takes "
+                f"{len(specs)} input(s)",
+                hint="give one array per graph input: " + ", ".join(v.type_str() for v in specs),
+            )
+        for column, value, array in zip(columns, specs, arrays, strict=True):
+            array = _to_numpy(array)
+            if array.ndim != len(value.shape) or array.shape[1:] != value.shape[1:]:
+                raise InputError(
+                    f"calibration sample {k} for input '{value.name}' has shape "
+                    f"{tuple(array.shape)}, the graph's input is {value.shape} "
+                    "(any batch)",
+                    hint="calibrate on inputs shaped like the example input",
+                )
+            if array.dtype != np.dtype(value.dtype):
+                if not np.can_cast(array.dtype, value.dtype, casting="same_kind"):
+                    raise InputError(
+                        f"calibration sample {k} for input '{value.name}' has dtype "
+                        f"{array.dtype}, the graph's input is {value.dtype}",
+                        hint=f"convert it with .astype('{value.dtype}')",
+                    )
+                array = array.astype(value.dtype)
+            column.append(array)
+    stacked = [np.concatenate(c) for c in columns]
+    if len(stacked[0]) == 0:
+        raise InputError("calibration data is empty (zero rows)",
+                         hint="give at least one example input")
+    return stacked
+
+
+def _with_calibration(passes: Sequence[Any], data: list[np.ndarray] | None) -> list[Pass]:
+    """Pass instances; each dataclass pass with a ``calibration_data`` field left at None gets a
+    copy with ``data`` (the user's instance is not changed)."""
+    instances = resolve_passes(passes)
+    if data is None:
+        return instances
+    out = []
+    for p in instances:
+        names = {f.name for f in dataclasses.fields(p)} if dataclasses.is_dataclass(p) else set()
+        if "calibration_data" in names and p.calibration_data is None:
+            p = dataclasses.replace(p, calibration_data=data)
+        out.append(p)
+    return out
+
+
 def compile(  # noqa: A001 - the entry point's name is part of the user's design
     model: Any,
     example_inputs: Sequence[Any] | Any = None,
@@ -142,6 +220,7 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
     check: bool = True,
     tolerance: float = 1e-4,
     progress: bool = False,
+    calibration_data: Any = None,
 ) -> CompiledModel:
     """Trace ``model``, run ``passes`` with verification and numeric checks, and emit ``backend``.
 
@@ -155,6 +234,9 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
             ``tolerance``; lossy passes record their deviation in the report).
         tolerance: relative tolerance for exact passes.
         progress: print a progress bar over the passes.
+        calibration_data: an iterable of example inputs (see :func:`calibration_inputs`) for
+            passes that learn from data (``quantize``, data-driven pruning criteria): every
+            pass with a ``calibration_data`` option left at None receives it.
 
     Returns:
         A :class:`CompiledModel`.
@@ -162,6 +244,8 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
     _backend_compiler(backend)  # fail fast on a bad backend name
     graph = _to_graph(model, example_inputs)
     inputs = _check_inputs(graph, example_inputs) if check else None
+    calib = None if calibration_data is None else calibration_inputs(graph, calibration_data)
+    passes = _with_calibration(passes, calib)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -175,5 +259,6 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
     finally:
         if bar:
             bar.close()
+    manager.report.notes = list(graph.meta.get("notes", ()))
     artifact = _backend_compiler(backend)(graph)
     return CompiledModel(graph, manager.report, backend, artifact)

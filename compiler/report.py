@@ -54,6 +54,7 @@ class Report:
     """One row per pass (plus the input graph); ``str()`` gives a table, ``to_dict()`` the data."""
 
     rows: list[ReportRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what passes want the user to know
 
     def add(
         self,
@@ -82,7 +83,7 @@ class Report:
         )
 
     def to_dict(self) -> dict:
-        return {"rows": [asdict(r) for r in self.rows]}
+        return {"rows": [asdict(r) for r in self.rows], "notes": list(self.notes)}
 
     def __str__(self) -> str:
         header = ("pass", "nodes", "params", "MACs", "weights", "seconds", "max dev", "total dev")
@@ -108,7 +109,7 @@ class Report:
             text.append("  ".join(cells))
             if k == 0:
                 text.append("  ".join("-" * w for w in widths))
-        return "\n".join(text)
+        return "\n".join(text + self.notes)
 
     def _repr_html_(self) -> str:  # notebooks
         return "<pre>" + str(self) + "</pre>"

@@ -1,0 +1,385 @@
+"""Post-training quantization: the ``quantize`` pass (calibrated int8 QDQ, int4 weights, bias
+correction, per-layer bits) and ``quantize-mixed`` (bits chosen per layer under a size budget).
+
+The quantized IR is explicit QDQ, the form ONNX Runtime fuses into integer kernels::
+
+    %x_q = quantize_linear(%x, $s_x, $z_x)                    uint8, per tensor (calibrated)
+    %x_dq = dequantize_linear(%x_q, $s_x, $z_x)
+    %w_dq = dequantize_linear($w.q, $w.scale, $w.zero) {axis=0}   int8, per output channel
+    %b_dq = dequantize_linear($b.q, $b.scale, $b.zero) {axis=0}   int32, scale s_x * s_w
+    %y = conv2d(%x_dq, %w_dq, %b_dq) {activation='relu'}
+    %y_q = quantize_linear(%y, $s_y, $z_y) ...
+
+Run it after ``fuse``. Residual adds and activations other than relu/clip fused into a conv are
+split off again, because an integer conv ends in a requantization: ``conv2d(x, w, b, r)
+{activation='relu'}`` becomes ``relu(add(conv2d(x, w, b), r))`` with the conv's and the relu's
+outputs quantized (ONNX Runtime then runs QLinearConv and QLinearAdd; the relu folds into the
+quantization of a range starting at 0).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import OptionError
+from compiler.ir import Graph, Node, Value
+from compiler.pass_manager import Pass, register_pass
+from passes.calibration import CALIBRATORS, calibrate, run_calibration, uint8_params
+
+LAYERS = ("conv2d", "linear")
+#: activations a quantized output absorbs: with a range starting at 0 they only clip
+CLIPPING = ("relu", "clip")
+WEIGHT_BITS = (4, 8)
+
+
+# -- weights -----------------------------------------------------------------------------------
+
+
+def quantize_weight(
+    w: np.ndarray, bits: int, group_size: int = 0, clip: str = "max"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel (or per group of ``group_size`` input channels) quantization.
+
+    Returns ``(q, scale)``: ``q`` int8 of ``w``'s shape in ``[-(2**(bits-1) - 1), 2**(bits-1) -
+    1]``; ``scale`` float32 ``(O,)``, or ``(O, I / group_size)`` for groups. ``clip="mse"`` shrinks
+    each scale to the one with the least squared error (worth it at 4 bits).
+    """
+    if bits not in WEIGHT_BITS:
+        raise OptionError(f"{bits}-bit weights are not supported", hint=f"use {WEIGHT_BITS}")
+    qmax = 2 ** (bits - 1) - 1
+    o = w.shape[0]
+    rows = w.astype(np.float64).reshape(o, -1)
+    if group_size:
+        per_input = rows.shape[1] // w.shape[1]
+        rows = rows.reshape(o, w.shape[1] // group_size, group_size * per_input)
+    amax = np.abs(rows).max(axis=-1)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    if clip == "mse":
+        best, best_err = scale, np.full(scale.shape, np.inf)
+        for ratio in np.linspace(0.5, 1.0, 26):
+            s = scale * ratio
+            q = np.clip(np.rint(rows / s[..., None]), -qmax, qmax)
+            err = ((q * s[..., None] - rows) ** 2).sum(axis=-1)
+            better = err < best_err
+            best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+        scale = best
+    q = np.clip(np.rint(rows / scale[..., None]), -qmax, qmax).astype(np.int8)
+    return q.reshape(w.shape), scale.astype(np.float32)
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+
+@register_pass
+@dataclass
+class Quantize(Pass):
+    """Quantize conv2d / linear layers and residual adds to QDQ form, calibrated on data (lossy).
+
+    ``conv2d(x, $w, $b) -> conv2d(dq(q(x)), dq($w_int8), dq($b_int32))`` with ``q``/``dq`` the
+    quantize_linear/dequantize_linear pair; outputs (after a fused relu/clip) are quantized too.
+    Activations are uint8 affine per tensor with a range from ``calibrator``; weights are int8
+    symmetric per output channel (``weight_bits=4``: int4 held in int8, per channel or per group
+    of ``group_size`` input channels). Graph outputs stay float unless ``quantize_outputs``.
+
+    Attributes:
+        weight_bits: 8 or 4.
+        group_size: with 4-bit weights, input channels per scale (0: one scale per channel).
+        calibrator: minmax, percentile, mse or entropy (see passes/calibration.py).
+        percentile: for the percentile calibrator.
+        skip: fnmatch patterns of node names or module paths to leave in float (listed in the
+            report).
+        layer_bits: pattern -> 8, 4 or None (float) per layer; overrides ``weight_bits``.
+        bias_correction: add ``E[W x] - E[W_q x]`` (over the calibration data) to each bias.
+        quantize_outputs: also quantize graph outputs (ONNX Runtime then runs the last layer in
+            integers too).
+        calibration_data: one array per graph input (N rows each) or a single array; compile()
+            fills it from its ``calibration_data``.
+        calibration_batch: rows per interpreter run during calibration.
+    """
+
+    name = "quantize"
+    exact = False
+    weight_bits: int = 8
+    group_size: int = 0
+    calibrator: str = "percentile"
+    percentile: float = 99.99
+    skip: tuple[str, ...] = ()
+    layer_bits: dict[str, int | None] | None = field(default=None, repr=False)
+    bias_correction: bool = False
+    quantize_outputs: bool = False
+    calibration_data: Any = field(default=None, repr=False)
+    calibration_batch: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in WEIGHT_BITS:
+            raise OptionError(
+                f"quantize: weight_bits={self.weight_bits} is not supported",
+                hint=f"use one of {WEIGHT_BITS} (activations are uint8)",
+            )
+        for pattern, bits in (self.layer_bits or {}).items():
+            if bits is not None and bits not in WEIGHT_BITS:
+                raise OptionError(
+                    f"quantize: layer_bits[{pattern!r}] = {bits} is not supported",
+                    hint=f"use one of {WEIGHT_BITS} or None (float)",
+                )
+        if self.calibrator not in CALIBRATORS:
+            raise OptionError(
+                f"quantize: unknown calibrator {self.calibrator!r}", hint=f"use {CALIBRATORS}"
+            )
+        if self.group_size < 0 or (self.group_size and self.weight_bits == 8):
+            raise OptionError(
+                f"quantize: group_size={self.group_size} needs weight_bits=4",
+                hint="groups of input channels are for int4 weights; use group_size=0 for int8",
+            )
+        if not 50 < self.percentile <= 100:
+            raise OptionError(f"quantize: percentile {self.percentile} is outside (50, 100]")
+
+    # -- planning ------------------------------------------------------------------------------
+    def _bits(self, node: Node) -> tuple[int | None, str]:
+        """(weight bits or None for float, reason) of one conv/linear."""
+        names = [node.name] + ([node.source] if node.source else [])
+        for pattern in self.skip:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                return None, f"skip pattern {pattern!r}"
+        w = node.inputs[1]
+        if not w.is_constant or np.dtype(w.dtype).kind != "f":
+            return None, "its weight is not a float constant"
+        if node.op == "linear" and len(node.inputs[0].shape) < 2:
+            return None, "a 1-D linear input"
+        for pattern, bits in (self.layer_bits or {}).items():
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                return bits, "layer_bits" if bits is None else ""
+        return self.weight_bits, ""
+
+    def run(self, graph: Graph) -> bool:
+        data = calibration_arrays(graph, self.calibration_data, "quantize")
+        plan: dict[int, int] = {}
+        left_float: list[tuple[str, str]] = []
+        for node in [n for n in graph.nodes if n.op in LAYERS]:
+            bits, reason = self._bits(node)
+            if bits is None:
+                left_float.append((node.source or node.name, reason))
+            else:
+                plan[id(node)] = bits
+        layers = [n for n in graph.nodes if id(n) in plan]
+        if not layers:
+            _record(graph, [], left_float, {})
+            return False
+        adds = [_split_epilogue(graph, n) for n in layers]
+        adds += [n for n in graph.nodes if n.op == "add" and _is_activation_add(n, adds)]
+        adds = [a for a in dict.fromkeys(adds) if a is not None]
+        activations = self._activations(graph, layers, adds)
+        means = [n.inputs[0] for n in layers] if self.bias_correction else []
+        input_names = [n.inputs[0].name for n in layers]
+        stats = run_calibration(
+            graph, data, activations + [v for v in means if v not in activations],
+            batch_size=self.calibration_batch, seed=self.seed, means=means,
+        )
+        ranges = {v.name: calibrate(stats[v.name], self.calibrator, self.percentile)
+                  for v in activations}
+        for value in activations:
+            _insert_qdq(graph, value, *uint8_params(*ranges[value.name]))
+        for node, x_name in zip(layers, input_names, strict=True):
+            mean = stats[x_name].mean if self.bias_correction else None
+            _quantize_layer(graph, node, plan[id(node)], self.group_size, mean)
+        _record(graph, layers, left_float, {n.name: plan[id(n)] for n in layers})
+        return True
+
+    def _activations(self, graph: Graph, layers: list[Node], adds: list[Node]) -> list[Value]:
+        """Float values to quantize: layer inputs, add operands, and their outputs (after an
+        absorbed relu/clip); graph outputs only with ``quantize_outputs``."""
+        wanted: dict[int, Value] = {}
+        for node in layers:
+            wanted.setdefault(id(node.inputs[0]), node.inputs[0])
+            out = _absorbing_output(graph, node.outputs[0])
+            wanted.setdefault(id(out), out)
+        for add in adds:
+            for v in add.inputs:
+                wanted.setdefault(id(v), v)
+            out = _absorbing_output(graph, add.outputs[0])
+            wanted.setdefault(id(out), out)
+        outputs = {id(v) for v in graph.outputs}
+        return [
+            v for v in wanted.values()
+            if not v.is_constant and np.dtype(v.dtype).kind == "f"
+            and (self.quantize_outputs or id(v) not in outputs)
+        ]
+
+
+def _record(graph: Graph, layers, left_float, bits) -> None:
+    graph.meta["quantization"] = {
+        "layers": [n.source or n.name for n in layers],
+        "bits": bits,
+        "float": left_float,
+    }
+    notes = [f"quantize: {len(layers)} layer(s) quantized"]
+    notes += [f"quantize: left in float: {name} ({why})" for name, why in left_float]
+    graph.meta["notes"] = [*graph.meta.get("notes", ()), *notes]
+
+
+# -- rewrites ----------------------------------------------------------------------------------
+
+
+def _split_epilogue(graph: Graph, node: Node) -> Node | None:
+    """Split a residual add and a non-clipping activation off a conv/linear so its output can be
+    requantized: ``conv2d(x, w, b, r) {act} -> act(add(conv2d(x, w, b), r))``. Returns the add
+    (or None). A relu/clip without a residual stays fused: the output quantization absorbs it."""
+    residual = node.inputs[3] if len(node.inputs) > 3 else None
+    act, act_attrs = node.attrs.get("activation"), node.attrs.get("activation_attrs")
+    if residual is None and (act is None or act in CLIPPING):
+        return None
+    out = node.outputs[0]
+    readers = list(out.uses)
+    is_output = [i for i, v in enumerate(graph.outputs) if v is out]
+    node.set_inputs(list(node.inputs[:3]))
+    node.attrs["activation"] = node.attrs["activation_attrs"] = None
+    meta = {"source": node.source} if node.source else {}
+    last, add = node, None
+    if residual is not None:
+        add = graph.add_node("add", [out, residual], after=last, meta=meta)
+        last = add
+    if act is not None:
+        last = graph.add_node(act, [last.outputs[0]], act_attrs or {}, after=last, meta=meta)
+    for reader, index in readers:
+        reader.set_input(index, last.outputs[0])
+    for i in is_output:
+        graph.outputs[i] = last.outputs[0]
+    return add
+
+
+def _is_activation_add(node: Node, known: list) -> bool:
+    """A standalone add of two float activations of the same shape (a residual not fused)."""
+    a, b = node.inputs
+    return (
+        node not in known and not a.is_constant and not b.is_constant
+        and a.shape == b.shape and np.dtype(a.dtype).kind == "f"
+    )
+
+
+def _absorbing_output(graph: Graph, value: Value) -> Value:
+    """The value to quantize for an op's output: after a sole relu reader (which the output
+    quantization absorbs: ONNX Runtime drops Relu before a Q with zero point 0)."""
+    users = value.users
+    is_output = any(v is value for v in graph.outputs)
+    if len(value.uses) == 1 and not is_output and users[0].op == "relu":
+        return users[0].outputs[0]
+    return value
+
+
+def _insert_qdq(graph: Graph, value: Value, scale: np.float32, zero: np.uint8) -> Node:
+    """``v -> dq(q(v))`` for every reader of ``v`` (and graph outputs that are ``v``)."""
+    readers = list(value.uses)
+    where = {"after": value.producer} if value.producer else {"before": graph.nodes[0]}
+    s = graph.constant(np.array(scale, np.float32), f"{value.name}.scale")
+    z = graph.constant(np.array(zero, np.uint8), f"{value.name}.zero")
+    q = graph.add_node("quantize_linear", [value, s, z], name=f"{value.name}.q", **where)
+    dq = graph.add_node("dequantize_linear", [q.outputs[0], s, z], name=f"{value.name}.dq",
+                        after=q)
+    for reader, index in readers:
+        reader.set_input(index, dq.outputs[0])
+    graph.outputs = [dq.outputs[0] if v is value else v for v in graph.outputs]
+    return dq
+
+
+def _input_scale(node: Node) -> float | None:
+    """The per-tensor scale of a layer's input when it is a dequantize_linear output."""
+    x = node.inputs[0]
+    if x.producer is None or x.producer.op != "dequantize_linear":
+        return None
+    s = x.producer.inputs[1]
+    return float(s.data) if s.is_constant and s.numel == 1 else None
+
+
+def _quantize_layer(
+    graph: Graph, node: Node, bits: int, group_size: int, input_mean: np.ndarray | None
+) -> None:
+    w = node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    groups = group_size if bits == 4 and _groupable(node, group_size) else 0
+    q, scale = quantize_weight(w.data, bits, groups, clip="mse" if bits < 8 else "max")
+    wq_float = _dequantized(q, scale, groups)
+    bias = None if b is None else b.data.astype(np.float64)
+    if input_mean is not None:
+        shift = _output_mean(node, input_mean, w.data.astype(np.float64) - wq_float)
+        bias = shift if bias is None else bias + shift
+    meta = {"source": node.source} if node.source else {}
+    if groups:
+        flat = q.reshape(q.shape[0], -1)
+        block = flat.shape[1] // scale.shape[1]
+        dq = graph.add_node(
+            "dequantize_linear",
+            [graph.constant(flat, f"{w.name}.q"), graph.constant(scale, f"{w.name}.scale"),
+             graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
+            {"axis": 1, "block_size": block}, name=f"{w.name}.dq", before=node, meta=meta,
+        )
+        dq = graph.add_node("reshape", [dq.outputs[0]], {"shape": w.shape},
+                            name=f"{w.name}.reshape", before=node, meta=meta)
+    else:
+        dq = graph.add_node(
+            "dequantize_linear",
+            [graph.constant(q, f"{w.name}.q"), graph.constant(scale, f"{w.name}.scale"),
+             graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
+            {"axis": 0}, name=f"{w.name}.dq", before=node, meta=meta,
+        )
+    node.set_input(1, dq.outputs[0])
+    s_x = _input_scale(node)
+    if bias is not None:
+        if s_x is not None and not groups:  # int32 with scale s_x * s_w: what QLinearConv takes
+            bs = (np.float32(s_x) * scale).astype(np.float32)
+            bq = np.clip(np.rint(bias / bs), -(2**31), 2**31 - 1).astype(np.int32)
+            bdq = graph.add_node(
+                "dequantize_linear",
+                [graph.constant(bq, f"{node.name}.bias.q"),
+                 graph.constant(bs, f"{node.name}.bias.scale"),
+                 graph.constant(np.zeros(bs.shape, np.int32), f"{node.name}.bias.zero")],
+                {"axis": 0}, name=f"{node.name}.bias.dq", before=node, meta=meta,
+            )
+            node.set_input(2, bdq.outputs[0])
+        else:
+            node.set_input(2, graph.constant(bias.astype(w.dtype), f"{node.name}.bias"))
+    node.meta["quantized"] = {"weight_bits": bits, "group_size": groups}
+
+
+def _groupable(node: Node, group_size: int) -> bool:
+    channels = node.inputs[1].shape[1]
+    return group_size > 0 and channels % group_size == 0 and channels > group_size
+
+
+def _dequantized(q: np.ndarray, scale: np.ndarray, groups: int) -> np.ndarray:
+    rows = q.reshape(q.shape[0], scale.shape[1] if groups else 1, -1).astype(np.float64)
+    s = scale.reshape(q.shape[0], -1, 1).astype(np.float64)
+    return (rows * s).reshape(q.shape)
+
+
+def _output_mean(node: Node, x_mean: np.ndarray, dw: np.ndarray) -> np.ndarray:
+    """Per-output-channel mean of ``layer(x, dw)`` over the calibration data, from the mean
+    input (exact: the layer is linear in x)."""
+    from compiler.op_table import get_op
+
+    attrs = {**node.attrs, "activation": None, "activation_attrs": None}
+    x = x_mean[None].astype(np.float64)
+    (y,) = get_op(node.op).run([x, dw, None, None], attrs)
+    axes = tuple(i for i in range(y.ndim) if i != (1 if node.op == "conv2d" else y.ndim - 1))
+    return y.mean(axis=axes)
+
+
+# -- calibration data --------------------------------------------------------------------------
+
+
+def calibration_arrays(graph: Graph, data: Any, who: str) -> list[np.ndarray]:
+    """Calibration data as one array per graph input, N rows each (checked, see compiler.api)."""
+    if data is None:
+        raise OptionError(
+            f"{who} needs calibration data",
+            hint="pass compile(..., calibration_data=[x1, x2, ...]) or the pass's "
+            "calibration_data=",
+        )
+    from compiler.api import calibration_inputs
+
+    return calibration_inputs(graph, data)
+

@@ -1,0 +1,384 @@
+"""Post-training quantization: the quantize/dequantize reference, calibrators, the quantize pass
+(golden IR, deviation bounds, int4, bias correction, skip patterns), ONNX Runtime's integer
+kernels, compile(calibration_data=...) and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backends.numba_backend import compile_numba
+from backends.onnx_backend import compile_onnx
+from backends.onnx_quant import kernel_profile
+from backends.torch_backend import compile_torch
+from compiler.api import compile
+from compiler.errors import InputError, OptionError
+from compiler.interpreter import run
+from compiler.ir import Graph
+from compiler.ops.quant import dequantize_linear, quantize_linear
+from compiler.pass_manager import PassManager, deviation
+from passes.calibration import TensorStats, calibrate, run_calibration, uint8_params
+from passes.quantization import Quantize, quantize_weight
+
+RNG = np.random.default_rng(0)
+
+
+def randn(*shape) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+class TinyNet(nn.Module):
+    """conv-bn-relu, a residual block, global pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = torch.relu(self.conv3(torch.relu(self.conv2(y))) + y)
+        return self.fc(z.mean(dim=(2, 3)))
+
+
+def tiny_graph() -> Graph:
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.2, 0.2)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    return compile(model, torch.zeros(1, 3, 8, 8), passes=["fuse"], check=False).graph
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Graph:
+    return tiny_graph()
+
+
+@pytest.fixture(scope="module")
+def calib() -> np.ndarray:
+    return np.random.default_rng(1).random((32, 3, 8, 8), dtype=np.float32)
+
+
+def quantized(graph: Graph, calib: np.ndarray, **options) -> Graph:
+    return compile(graph, passes=[Quantize(**options)], calibration_data=calib, check=False).graph
+
+
+# -- the reference ops -------------------------------------------------------------------------
+
+
+def test_quantize_rounds_half_to_even_and_saturates():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 200.0, -200.0], np.float32)
+    q = quantize_linear(x, np.array(1.0, np.float32), np.array(0, np.int8),
+                        axis=1, block_size=0, bits=8)
+    assert q.dtype == np.int8
+    assert q.tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -128]
+    u = quantize_linear(x, np.array(0.5, np.float32), np.array(10, np.uint8),
+                        axis=1, block_size=0, bits=8)
+    assert u.tolist() == [11, 13, 15, 9, 7, 5, 255, 255, 0]
+    four = quantize_linear(x, np.array(1.0, np.float32), np.array(0, np.int8),
+                           axis=1, block_size=0, bits=4)
+    assert four.tolist() == [0, 2, 2, 0, -2, -2, 7, 7, -8]
+
+
+def test_dequantize_per_axis_and_per_block():
+    q = np.array([[1, -2, 3, -4], [5, 6, -7, 8]], np.int8)
+    per_axis = dequantize_linear(q, np.array([0.5, 2.0], np.float32), np.array([1, 0], np.int8),
+                                 axis=0, block_size=0)
+    np.testing.assert_array_equal(per_axis, [[0, -1.5, 1, -2.5], [10, 12, -14, 16]])
+    blocks = dequantize_linear(q, np.array([[1.0, 0.5], [2.0, 0.25]], np.float32), None,
+                               axis=1, block_size=2)
+    np.testing.assert_array_equal(blocks, [[1, -2, 1.5, -2], [10, 12, -1.75, 2]])
+
+
+def test_dequantize_of_a_runtime_input_matches_in_every_backend():
+    g = Graph("dq")
+    q = g.add_input("q", (2, 3, 4), "uint8")
+    s = g.constant(np.array([0.1, 0.2, 0.3], np.float32), "s")
+    z = g.constant(np.array([0, 128, 255], np.uint8), "z")
+    g.outputs = list(g.add_node("dequantize_linear", [q, s, z], {"axis": 1}).outputs)
+    x = np.random.default_rng(2).integers(0, 256, (2, 3, 4)).astype(np.uint8)
+    (want,) = run(g, [x])
+    (onnx_out,) = compile_onnx(g).run(x)
+    (numba_out,) = compile_numba(g).run(x)
+    with torch.no_grad():
+        torch_out = compile_torch(g)(torch.from_numpy(x)).numpy()
+    for got in (onnx_out, numba_out, torch_out):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# -- calibrators -------------------------------------------------------------------------------
+
+
+def test_minmax_is_the_exact_range_and_uint8_params_represent_zero():
+    x = np.random.default_rng(3).uniform(-1.0, 3.0, 10_000).astype(np.float32)
+    stats = TensorStats(float(x.min()), float(x.max()), x)
+    lo, hi = calibrate(stats, "minmax")
+    assert (lo, hi) == (float(x.min()), float(x.max()))
+    scale, zero = uint8_params(lo, hi)
+    assert scale == pytest.approx((hi - lo) / 255)
+    assert zero == round(-lo / scale)
+    relu_scale, relu_zero = uint8_params(0.0, 6.0)
+    assert relu_zero == 0 and relu_scale == pytest.approx(6 / 255)
+
+
+def test_percentile_picks_the_percentiles_of_a_known_distribution():
+    x = np.random.default_rng(4).uniform(0.0, 1.0, 200_000).astype(np.float32)
+    lo, hi = calibrate(TensorStats(0.0, float(x.max()), x), "percentile", percentile=99.0)
+    assert lo == 0.0 and hi == pytest.approx(0.99, abs=0.005)
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy", "percentile"])
+def test_heavy_tails_are_clipped_inside_the_minmax_range(method):
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_t(3, 100_000)).astype(np.float32)  # a relu output, heavy tail
+    stats = TensorStats(0.0, float(x.max()), x)
+    lo, hi = calibrate(stats, method)
+    assert lo == 0.0 and 0 < hi < 0.9 * stats.hi
+    signed = rng.standard_t(3, 100_000).astype(np.float32)
+    lo, hi = calibrate(TensorStats(float(signed.min()), float(signed.max()), signed), method)
+    assert signed.min() < lo < 0 < hi < signed.max()
+
+
+def test_mse_calibration_has_less_error_than_minmax_on_heavy_tails():
+    x = np.random.default_rng(6).standard_t(3, 50_000).astype(np.float32)
+    stats = TensorStats(float(x.min()), float(x.max()), x)
+
+    def error(lo, hi):
+        s, z = uint8_params(lo, hi)
+        q = np.clip(np.rint(x / s) + float(z), 0, 255)
+        return float(np.mean(((q - float(z)) * s - x) ** 2))
+
+    assert error(*calibrate(stats, "mse")) < error(*calibrate(stats, "minmax"))
+
+
+def test_calibration_on_a_rebatched_copy_matches_batch_by_batch(tiny, calib):
+    values = [n.outputs[0] for n in tiny.nodes if n.op == "conv2d"]
+    fast = run_calibration(tiny, [calib], values, batch_size=16)
+    slow = run_calibration(tiny, [calib], values, batch_size=1)
+    for v in values:
+        assert fast[v.name].lo == pytest.approx(slow[v.name].lo, abs=1e-5)
+        assert fast[v.name].hi == pytest.approx(slow[v.name].hi, rel=1e-5)
+
+
+# -- weights -----------------------------------------------------------------------------------
+
+
+def test_weights_are_symmetric_per_channel_and_per_group():
+    w = randn(4, 8, 3, 3)
+    q, s = quantize_weight(w, 8)
+    assert q.dtype == np.int8 and s.shape == (4,)
+    assert np.abs(q).max() == 127 and q.min() >= -127
+    np.testing.assert_allclose(s, np.abs(w).reshape(4, -1).max(1) / 127, rtol=1e-6)
+    err = np.abs(q * s[:, None, None, None] - w).max(axis=(1, 2, 3))
+    assert np.all(err <= s / 2 + 1e-7)
+    q4, s4 = quantize_weight(w, 4, group_size=2)
+    assert s4.shape == (4, 4) and q4.min() >= -7 and q4.max() <= 7
+    with pytest.raises(OptionError, match="3-bit"):
+        quantize_weight(w, 3)
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+GOLDEN = """\
+graph TinyNet(
+    %x: float32[1,3,8,8],
+) {
+  $x.scale: float32[]
+  $x.zero: uint8[]
+  $conv1.weight.q: int8[8,3,3,3]
+  $conv1.weight.scale: float32[8]
+  $conv1.weight.zero: int8[8]
+  $conv2d.bias.q: int32[8]
+  $conv2d.bias.scale: float32[8]
+  $conv2d.bias.zero: int32[8]
+  $conv2d.scale: float32[]
+  $conv2d.zero: uint8[]
+  $conv2.weight.q: int8[8,8,3,3]
+  $conv2.weight.scale: float32[8]
+  $conv2.weight.zero: int8[8]
+  $conv2d_1.bias.q: int32[8]
+  $conv2d_1.bias.scale: float32[8]
+  $conv2d_1.bias.zero: int32[8]
+  $conv2d_1.scale: float32[]
+  $conv2d_1.zero: uint8[]
+  $conv3.weight.q: int8[8,8,3,3]
+  $conv3.weight.scale: float32[8]
+  $conv3.weight.zero: int8[8]
+  $conv2d_2.bias.q: int32[8]
+  $conv2d_2.bias.scale: float32[8]
+  $conv2d_2.bias.zero: int32[8]
+  $conv2d_2.scale: float32[]
+  $conv2d_2.zero: uint8[]
+  $relu_3.scale: float32[]
+  $relu_3.zero: uint8[]
+  $mean.scale: float32[]
+  $mean.zero: uint8[]
+  $fc.weight.q: int8[4,8]
+  $fc.weight.scale: float32[4]
+  $fc.weight.zero: int8[4]
+  $linear.bias.q: int32[4]
+  $linear.bias.scale: float32[4]
+  $linear.bias.zero: int32[4]
+  %x.q: uint8[1,3,8,8] = quantize_linear(%x, $x.scale, $x.zero) {axis=1, bits=8, block_size=0}
+  %x.dq: float32[1,3,8,8] = dequantize_linear(%x.q, $x.scale, $x.zero) {axis=1, block_size=0}
+  %conv1.weight.dq: float32[8,3,3,3] = dequantize_linear($conv1.weight.q, $conv1.weight.scale, $conv1.weight.zero) {axis=0, block_size=0}
+  %conv2d.bias.dq: float32[8] = dequantize_linear($conv2d.bias.q, $conv2d.bias.scale, $conv2d.bias.zero) {axis=0, block_size=0}
+  %conv2d: float32[1,8,8,8] = conv2d(%x.dq, %conv1.weight.dq, %conv2d.bias.dq) {activation='relu', dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
+  %conv2d.q: uint8[1,8,8,8] = quantize_linear(%conv2d, $conv2d.scale, $conv2d.zero) {axis=1, bits=8, block_size=0}
+  %conv2d.dq: float32[1,8,8,8] = dequantize_linear(%conv2d.q, $conv2d.scale, $conv2d.zero) {axis=1, block_size=0}
+  %conv2.weight.dq: float32[8,8,3,3] = dequantize_linear($conv2.weight.q, $conv2.weight.scale, $conv2.weight.zero) {axis=0, block_size=0}
+  %conv2d_1.bias.dq: float32[8] = dequantize_linear($conv2d_1.bias.q, $conv2d_1.bias.scale, $conv2d_1.bias.zero) {axis=0, block_size=0}
+  %conv2d_1: float32[1,8,8,8] = conv2d(%conv2d.dq, %conv2.weight.dq, %conv2d_1.bias.dq) {activation='relu', dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
+  %conv2d_1.q: uint8[1,8,8,8] = quantize_linear(%conv2d_1, $conv2d_1.scale, $conv2d_1.zero) {axis=1, bits=8, block_size=0}
+  %conv2d_1.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_1.q, $conv2d_1.scale, $conv2d_1.zero) {axis=1, block_size=0}
+  %conv3.weight.dq: float32[8,8,3,3] = dequantize_linear($conv3.weight.q, $conv3.weight.scale, $conv3.weight.zero) {axis=0, block_size=0}
+  %conv2d_2.bias.dq: float32[8] = dequantize_linear($conv2d_2.bias.q, $conv2d_2.bias.scale, $conv2d_2.bias.zero) {axis=0, block_size=0}
+  %conv2d_2: float32[1,8,8,8] = conv2d(%conv2d_1.dq, %conv3.weight.dq, %conv2d_2.bias.dq) {dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
+  %conv2d_2.q: uint8[1,8,8,8] = quantize_linear(%conv2d_2, $conv2d_2.scale, $conv2d_2.zero) {axis=1, bits=8, block_size=0}
+  %conv2d_2.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_2.q, $conv2d_2.scale, $conv2d_2.zero) {axis=1, block_size=0}
+  %add_1: float32[1,8,8,8] = add(%conv2d_2.dq, %conv2d.dq)
+  %relu_3: float32[1,8,8,8] = relu(%add_1)
+  %relu_3.q: uint8[1,8,8,8] = quantize_linear(%relu_3, $relu_3.scale, $relu_3.zero) {axis=1, bits=8, block_size=0}
+  %relu_3.dq: float32[1,8,8,8] = dequantize_linear(%relu_3.q, $relu_3.scale, $relu_3.zero) {axis=1, block_size=0}
+  %mean: float32[1,8] = mean(%relu_3.dq) {axes=[2, 3], keepdims=False}
+  %mean.q: uint8[1,8] = quantize_linear(%mean, $mean.scale, $mean.zero) {axis=1, bits=8, block_size=0}
+  %mean.dq: float32[1,8] = dequantize_linear(%mean.q, $mean.scale, $mean.zero) {axis=1, block_size=0}
+  %fc.weight.dq: float32[4,8] = dequantize_linear($fc.weight.q, $fc.weight.scale, $fc.weight.zero) {axis=0, block_size=0}
+  %linear.bias.dq: float32[4] = dequantize_linear($linear.bias.q, $linear.bias.scale, $linear.bias.zero) {axis=0, block_size=0}
+  %linear: float32[1,4] = linear(%mean.dq, %fc.weight.dq, %linear.bias.dq)
+  return %linear
+}"""
+
+
+def test_golden_ir_of_a_quantized_residual_net(calib):
+    # a fresh graph: fresh names come from a counter that every clone of the fixture advances
+    assert str(quantized(tiny_graph(), calib)) == GOLDEN
+
+
+def test_int8_deviation_is_bounded_and_every_backend_agrees(tiny, calib):
+    q = quantized(tiny, calib)
+    x = calib[:1]
+    (want,) = run(tiny, [x])
+    (sim,) = run(q, [x])
+    assert deviation([want], [sim]) < 0.05  # int8: a few percent of the output scale
+    (ort,) = compile_onnx(q).run(x)
+    (nb,) = compile_numba(q).run(x)
+    with torch.no_grad():
+        tq = compile_torch(q)(torch.from_numpy(x)).numpy()
+    # integer kernels requantize with their own rounding: within a step or two of the reference
+    assert deviation([sim], [ort]) < 0.01
+    assert deviation([sim], [nb]) < 1e-5 and deviation([sim], [tq]) < 1e-5
+
+
+def test_onnx_runtime_runs_the_convs_as_integer_kernels(tiny, calib):
+    model = compile_onnx(quantized(tiny, calib)).model
+    kernels = kernel_profile(model, [calib[:1]], runs=2)
+    assert kernels.get("QLinearConv", 0) > 0 and kernels.get("QLinearAdd", 0) > 0
+    assert "Conv" not in kernels and "Add" not in kernels
+    assert kernels.get("QGemm", 0) > 0 or kernels.get("Gemm", 0) > 0
+    fp32 = kernel_profile(compile_onnx(tiny).model, [calib[:1]], runs=2)
+    assert "Conv" in fp32 and "QLinearConv" not in fp32
+
+
+def test_weight_dequantize_survives_fold_constants(tiny, calib):
+    q = quantized(tiny, calib)
+    PassManager(passes=["fuse"]).run(q)
+    weights = [n for n in q.find("dequantize_linear") if n.inputs[0].is_constant]
+    assert len(weights) == 8  # 4 weights, 4 int32 biases
+    assert {n.inputs[0].dtype for n in weights} == {"int8", "int32"}
+
+
+def test_skip_patterns_leave_layers_in_float_and_say_so(tiny, calib):
+    result = compile(tiny, passes=[Quantize(skip=("fc",))], calibration_data=calib)
+    linear = result.graph.find("linear")[0]
+    assert linear.inputs[1].is_constant and linear.inputs[1].dtype == "float32"
+    assert "left in float: fc (skip pattern 'fc')" in str(result.report)
+    assert result.graph.meta["quantization"]["float"] == [("fc", "skip pattern 'fc'")]
+
+
+def test_int4_weights_per_group_run_everywhere(tiny, calib):
+    q = quantized(tiny, calib, weight_bits=4, group_size=4)
+    blocked = [n for n in q.find("dequantize_linear") if n.attrs["block_size"]]
+    assert len(blocked) == 3  # conv2, conv3 and fc have 8 input channels: 2 groups of 4
+    x = calib[:1]
+    (sim,) = run(q, [x])
+    (want,) = run(tiny, [x])
+    assert deviation([want], [sim]) < 0.3
+    (ort,) = compile_onnx(q).run(x)
+    assert deviation([sim], [ort]) < 0.02
+
+
+def test_bias_correction_removes_the_mean_output_shift(tiny, calib):
+    def mean_shift(graph):
+        outs = [run(graph, [calib[i : i + 1]])[0] for i in range(16)]
+        refs = [run(tiny, [calib[i : i + 1]])[0] for i in range(16)]
+        return float(np.abs(np.mean(np.array(outs) - np.array(refs), axis=0)).mean())
+
+    plain = mean_shift(quantized(tiny, calib, weight_bits=4))
+    corrected = mean_shift(quantized(tiny, calib, weight_bits=4, bias_correction=True))
+    assert corrected < plain
+
+
+# -- compile(calibration_data=...) and errors ----------------------------------------------------
+
+
+def test_compile_hands_calibration_data_to_a_copy_of_the_pass(tiny, calib):
+    mine = Quantize()
+    result = compile(tiny, passes=[mine, "fuse"], calibration_data=list(calib[:4, None]))
+    assert mine.calibration_data is None
+    assert result.graph.find("quantize_linear")
+    assert result.report.rows[1].name == "quantize" and not result.report.rows[1].exact
+
+
+def test_passes_with_their_own_calibration_data_keep_it(tiny, calib):
+    from compiler.api import _with_calibration
+
+    own = Quantize(calibration_data=calib[:2])
+    (kept,) = _with_calibration([own], [calib])
+    assert kept is own
+    (filled,) = _with_calibration([Quantize()], [calib])
+    assert filled.calibration_data[0] is calib and dataclasses.is_dataclass(filled)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([], "empty"),
+        (np.zeros((0, 3, 8, 8), np.float32), "empty"),
+        ([np.zeros((1, 3, 9, 8), np.float32)], "shape"),
+        ([np.zeros((3, 8, 8), np.float32)], "shape"),
+        ([np.zeros((1, 3, 8, 8), np.complex64)], "dtype"),
+        (42, "iterable"),
+    ],
+)
+def test_bad_calibration_data_is_an_input_error(tiny, data, message):
+    with pytest.raises(InputError, match=message):
+        compile(tiny, passes=[Quantize()], calibration_data=data)
+
+
+def test_quantize_without_calibration_data_says_how_to_give_it(tiny):
+    with pytest.raises(OptionError, match="calibration data"):
+        compile(tiny, passes=[Quantize()])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"weight_bits": 3}, "weight_bits=3"),
+        ({"weight_bits": 16}, "weight_bits=16"),
+        ({"layer_bits": {"conv*": 2}}, "layer_bits"),
+        ({"calibrator": "magic"}, "calibrator"),
+        ({"group_size": 4}, "group_size"),
+    ],
+)
+def test_unsupported_options_are_option_errors(options, message):
+    with pytest.raises(OptionError, match=message):
+        Quantize(**options)
