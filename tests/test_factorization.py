@@ -5,6 +5,7 @@ composition with prune-channels, backends against the interpreter, and bad optio
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 from compiler import compile
@@ -18,6 +19,7 @@ from compiler.pass_manager import PassManager, deviation
 from compiler.report import graph_stats
 from passes.factorization import FactorizeRank
 from passes.pruning import PruneChannels
+from tests.graph_strategies import graphs_with_inputs
 
 RNG = np.random.default_rng(0)
 
@@ -167,6 +169,21 @@ def test_relative_error_is_the_measured_weight_error():
         assert measured == pytest.approx(curve[r - 1], abs=1e-12)
     assert rs.energy_rank(curve, 1.0) == 12
     assert rs.energy_rank(curve, 1 - curve[4] - 1e-9) == 5
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=graphs_with_inputs())
+def test_random_graphs_factorize_exactly_at_full_rank_and_verify(case):
+    graph, inputs = case
+    full = factorize(graph, energy=1.0, require_saving=False)  # verified by the pass manager
+    assert deviation(run(graph, inputs), run(full, inputs)) <= 1e-4
+    try:
+        low = factorize(graph, target=0.8)
+    except OptionError as e:  # little to factorize (depthwise convs, pools): said so
+        assert "unreachable" in str(e)
+        return
+    assert graph_stats(low).macs <= 0.8 * graph_stats(graph).macs
+    assert run(low, inputs)[0].shape == graph.outputs[0].shape
 
 
 # -- rank selection --------------------------------------------------------------------------------
