@@ -549,10 +549,11 @@ def unpack_indices(b: OnnxBuilder, packed: Tensor, bits: int) -> Tensor:
     ``lo = (j bits) // 8`` and ``lo + 1`` from bit ``s = (j bits) % 8``. One MatMul of the group's
     bytes (as float) with a constant (bits, 8) matrix holding ``2**-s`` at ``lo``, ``2**(8-s)`` at
     ``lo + 1`` gives ``(byte_lo + 256 byte_hi) / 2**s`` exactly (below 2**16 with at most 7
-    fractional bits: 23 bits, within float32's mantissa); Floor and Mod 2**bits leave the index.
-    That is 5 nodes per layer where byte gathers and bit ops took 8 (each node costs ~80 bytes of
-    file). (Joining a whole group into one int64 word lost low bits at 7 bits: ONNX Runtime's
-    int64 arithmetic went through doubles.) 8 bits: one index per byte."""
+    fractional bits: 23 bits, within float32's mantissa); Mod 2**bits and the truncating Cast
+    leave the index. That is 4 nodes per layer where byte gathers and bit ops took 8 (each node
+    costs ~100 bytes of file, with its value_info). (Joining a whole group into one int64 word
+    lost low bits at 7 bits: ONNX Runtime's int64 arithmetic went through doubles.) 8 bits: one
+    index per byte."""
     if bits == 8:
         return b.op("Cast", packed, dtype=np.int32, to=onnx.TensorProto.INT32)
     if bits in (1, 2, 4):
@@ -570,9 +571,9 @@ def unpack_indices(b: OnnxBuilder, packed: Tensor, bits: int) -> Tensor:
         high = low + 1
         inside = high < bits  # the last index of a group may end in its last byte
         join[high[inside], np.arange(8)[inside]] = 2.0 ** (8 - shift[inside])
-        shifted = b.op("Floor", b.op("MatMul", rows, shared_const(b, join, "join")))
+        shifted = b.op("MatMul", rows, shared_const(b, join, "join"))
         modulus = shared_const(b, np.array(1 << bits, np.float32), "modulus")
-        index = b.op("Mod", shifted, modulus, fmod=1)
+        index = b.op("Mod", shifted, modulus, fmod=1)  # the Cast below truncates the fraction
     return b.op("Cast", index, dtype=np.int32, to=onnx.TensorProto.INT32)
 
 
