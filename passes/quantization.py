@@ -20,6 +20,7 @@ quantization of a range starting at 0).
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,3 +384,150 @@ def calibration_arrays(graph: Graph, data: Any, who: str) -> list[np.ndarray]:
 
     return calibration_inputs(graph, data)
 
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+
+
+@register_pass
+@dataclass
+class QuantizeMixed(Quantize):
+    """Quantize with bits chosen per layer from ``choices`` (8, 4 or float) under a budget (lossy).
+
+    ``conv2d(x, $w) -> conv2d(dq(q(x)), dq($w_b))`` with ``b`` per layer: each layer's sensitivity
+    ``e[l, b]`` is the relative mean squared change of the logits on calibration data when only
+    its weights are quantized to ``b`` bits; assuming the errors add up, a knapsack dynamic
+    program (Fei et al.'s bit-width assignment, ../shared/TECHNIQUES.md §M) minimises
+    ``sum e[l, b_l]`` subject to ``sum n_l b_l <= average_bits * sum n_l`` (``n_l`` weights in
+    layer ``l``, float counting 32 bits), or with ``max_error`` the smallest model whose summed
+    sensitivity stays within it. Then it quantizes like ``quantize``, with those ``layer_bits``.
+
+    Attributes:
+        average_bits: size budget, mean bits per weight of the quantizable layers.
+        max_error: accuracy budget, the largest summed sensitivity allowed.
+        choices: the bits a layer may get (None: float).
+        sensitivity_samples: calibration rows the sensitivities are measured on.
+    """
+
+    name = "quantize-mixed"
+    average_bits: float | None = None
+    max_error: float | None = None
+    choices: tuple[int | None, ...] = (8, 4, None)
+    sensitivity_samples: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.average_bits is None) == (self.max_error is None):
+            raise OptionError("quantize-mixed needs exactly one of average_bits= or max_error=",
+                              hint="e.g. quantize-mixed(average_bits=6)")
+        bad = [c for c in self.choices if c is not None and c not in WEIGHT_BITS]
+        if bad or not self.choices:
+            raise OptionError(f"quantize-mixed: unsupported choices {bad or self.choices}",
+                              hint=f"choose among {WEIGHT_BITS} and None (float)")
+        low = min(32 if c is None else c for c in self.choices)
+        if self.average_bits is not None and self.average_bits < low:
+            raise OptionError(
+                f"quantize-mixed: average_bits={self.average_bits} is below the smallest choice "
+                f"({low} bits)", hint="raise average_bits or add a smaller choice")
+
+    def run(self, graph: Graph) -> bool:
+        data = calibration_arrays(graph, self.calibration_data, "quantize-mixed")
+        base = Quantize(**{f: getattr(self, f) for f in Quantize.__dataclass_fields__})
+        layers = [n for n in graph.nodes if n.op in LAYERS and base._bits(n)[0] is not None]
+        if not layers:
+            return base.run(graph)
+        rows = [a[: max(self.sensitivity_samples, graph.inputs[0].shape[0])] for a in data]
+        errors = layer_sensitivity(graph, layers, rows, self.choices, self.group_size)
+        sizes = [n.inputs[1].numel for n in layers]
+        pick = allocate(sizes, errors, self.choices, average_bits=self.average_bits,
+                        max_error=self.max_error)
+        chosen = {n.name: self.choices[k] for n, k in zip(layers, pick, strict=True)}
+        base.layer_bits = {**chosen, **(self.layer_bits or {})}
+        changed = base.run(graph)
+        bits = [32 if b is None else b for b in chosen.values()]
+        graph.meta["mixed_precision"] = {
+            "bits": chosen,
+            "average_bits": float(np.dot(bits, sizes) / sum(sizes)),
+            "predicted_error": float(sum(errors[i][k] for i, k in enumerate(pick))),
+        }
+        return changed
+
+
+def layer_sensitivity(graph: Graph, layers: list[Node], rows: list[np.ndarray],
+                      choices, group_size: int) -> list[list[float]]:
+    """``e[l][k]``: relative MSE of the outputs when only layer ``l``'s weights take
+    ``choices[k]`` bits (0 for float), measured with the torch backend on ``rows``."""
+    import torch
+
+    from backends.torch_backend import compile_torch
+
+    module = compile_torch(graph)
+    attr = dict(zip([v.name for v in graph.constants()], module._const_attrs, strict=True))
+    inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in rows]
+
+    def outputs():
+        with torch.no_grad():
+            out = module(*inputs)
+        return out if isinstance(out, tuple) else (out,)
+
+    reference = outputs()
+    power = sum(float((r.double() ** 2).mean()) for r in reference) or 1.0
+    errors = []
+    for node in layers:
+        w = node.inputs[1]
+        param = getattr(module, attr[w.name])
+        original = param.data.clone()
+        row = []
+        for bits in choices:
+            if bits is None:
+                row.append(0.0)
+                continue
+            groups = group_size if bits == 4 and _groupable(node, group_size) else 0
+            q, scale = quantize_weight(w.data, bits, groups, clip="mse" if bits < 8 else "max")
+            param.data = torch.from_numpy(_dequantized(q, scale, groups).astype(w.dtype))
+            err = sum(float(((o.double() - r.double()) ** 2).mean())
+                      for o, r in zip(outputs(), reference, strict=True))
+            row.append(err / power)
+        param.data = original
+        errors.append(row)
+    return errors
+
+
+def allocate(sizes: list[int], errors: list[list[float]], choices, *,
+             average_bits: float | None = None, max_error: float | None = None,
+             steps: int = 400_000) -> list[int]:
+    """Knapsack over (layer, choice): the index of each layer's choice minimising the summed error
+    within ``average_bits`` per weight, or the smallest size whose summed error is within
+    ``max_error``."""
+    bits = [32 if c is None else c for c in choices]
+    exact = [[n * b for b in bits] for n in sizes]
+    unit = math.gcd(*[c for row in exact for c in row])  # exact costs in units of the gcd
+    if sum(max(row) for row in exact) / unit > steps:  # too fine: round, at most L units off
+        unit = sum(max(row) for row in exact) / steps
+    costs = [[round(c / unit) for c in row] for row in exact]
+    top = sum(max(c) for c in costs)
+    dp = np.full(top + 1, np.inf)
+    dp[0] = 0.0
+    keep = np.zeros((len(sizes), top + 1), np.int8)
+    for layer, (cost, err) in enumerate(zip(costs, errors, strict=True)):
+        new = np.full(top + 1, np.inf)
+        for k, (c, e) in enumerate(zip(cost, err, strict=True)):
+            shifted = np.full(top + 1, np.inf)
+            shifted[c:] = dp[: top + 1 - c] + e
+            better = shifted < new
+            new[better], keep[layer][better] = shifted[better], k
+        dp = new
+    if average_bits is not None:
+        budget = min(top, math.floor(average_bits * sum(sizes) / unit + 1e-9))
+        if not np.isfinite(dp[: budget + 1]).any():
+            raise OptionError(f"quantize-mixed: no assignment fits average_bits={average_bits}")
+        c = int(np.argmin(dp[: budget + 1]))
+    else:
+        feasible = np.flatnonzero(dp <= max_error)
+        c = int(feasible[0]) if feasible.size else int(np.argmin(dp))
+    pick = []
+    for layer in range(len(sizes) - 1, -1, -1):
+        k = int(keep[layer][c])
+        pick.append(k)
+        c -= costs[layer][k]
+    return pick[::-1]
