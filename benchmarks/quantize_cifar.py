@@ -93,7 +93,7 @@ def integer_share(model: onnx.ModelProto) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="20,56")
-    ap.add_argument("--calibrators", default="percentile,minmax")
+    ap.add_argument("--calibrators", default="minmax,percentile")
     ap.add_argument("--calibration", type=int, default=256, help="calibration images")
     ap.add_argument("--mixed", default="6", help="average weight bits for mixed precision")
     ap.add_argument("--repeats", type=int, default=100)

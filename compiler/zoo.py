@@ -133,6 +133,12 @@ def check_model(
                 result["deviation"][check] = r.get("full_rank_deviation", float("inf"))
                 result[check] = r["factorized"]
                 continue
+            elif check == "quantized":
+                r = check_quantization(graph, x.numpy())
+                result["quantization"] = r
+                result["deviation"][check] = r.get("deviation", float("inf"))
+                result[check] = r["quantized"]
+                continue
             elif check == "shared":
                 r = check_sharing(graph, x.numpy(), tolerance)
                 result["sharing"] = r
@@ -284,6 +290,42 @@ def check_sharing(graph, x, tolerance: float = 1e-4, bits: int = 4) -> dict:
         r["onnx_bytes"] = onnx_model.model.ByteSize()
         r["backend_deviation"] = max(deviation(ref, t_out), deviation(ref, o_out))
         r["shared"] = bool(r["layers"] > 0 and r["backend_deviation"] <= tolerance)
+    except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
+        r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return r
+
+
+def check_quantization(graph, x, samples: int = 4) -> dict:
+    """Quantize a fused graph to int8 QDQ (calibrated on ``x`` and seeded noise like it) and run it
+    in ONNX Runtime: ``quantized`` when ORT runs it with finite outputs and at least one layer was
+    quantized; records the deviation from the float graph (the cost of int8), the deviation of
+    ORT's integer kernels from the simulated graph, and the share of kernel time in integer
+    kernels."""
+    import numpy as np
+
+    from backends.onnx_backend import compile_onnx
+    from backends.onnx_quant import kernel_profile
+    from compiler.interpreter import run
+    from compiler.pass_manager import PassManager, deviation
+    from passes.quantization import Quantize
+
+    r: dict = {"quantized": False}
+    try:
+        rng = np.random.default_rng(0)
+        calib = np.concatenate([x] + [rng.standard_normal(x.shape).astype(x.dtype)
+                                      for _ in range(samples - 1)])
+        q = graph.clone()
+        PassManager(passes=[Quantize(calibration_data=calib)], example_inputs=None).run(q)
+        meta = q.meta.get("quantization", {})
+        r["layers"], r["float"] = len(meta.get("layers", ())), len(meta.get("float", ()))
+        model = compile_onnx(q)
+        (out,) = model.run(x)[:1]
+        r["deviation"] = deviation(run(graph, [x])[:1], [out])
+        r["backend_deviation"] = deviation(run(q, [x])[:1], [out])
+        kernels = kernel_profile(model.model, [x], runs=1)
+        integer = sum(v for k, v in kernels.items() if k.startswith("QLinear") or k == "QGemm")
+        r["integer_share"] = integer / max(sum(kernels.values()), 1e-9)
+        r["quantized"] = bool(np.isfinite(out).all() and r["layers"] > 0)
     except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
         r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     return r

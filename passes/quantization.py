@@ -106,7 +106,7 @@ class Quantize(Pass):
     exact = False
     weight_bits: int = 8
     group_size: int = 0
-    calibrator: str = "percentile"
+    calibrator: str = "minmax"
     percentile: float = 99.99
     skip: tuple[str, ...] = ()
     layer_bits: dict[str, int | None] | None = field(default=None, repr=False)

@@ -486,3 +486,11 @@ def test_mixed_precision_options_are_checked():
         QuantizeMixed(average_bits=2)
     with pytest.raises(OptionError, match="choices"):
         QuantizeMixed(average_bits=6, choices=(8, 2))
+
+
+def test_zoo_check_quantizes_and_runs_in_integer_kernels(tiny, calib):
+    from compiler.zoo import check_quantization
+
+    r = check_quantization(tiny, calib[:1])
+    assert r["quantized"] and r["layers"] == 4 and r["float"] == 0, r
+    assert r["integer_share"] > 0.5 and r["deviation"] < 0.1
