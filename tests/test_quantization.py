@@ -494,3 +494,24 @@ def test_zoo_check_quantizes_and_runs_in_integer_kernels(tiny, calib):
     r = check_quantization(tiny, calib[:1])
     assert r["quantized"] and r["layers"] == 4 and r["float"] == 0, r
     assert r["integer_share"] > 0.5 and r["deviation"] < 0.1
+
+
+def test_cli_quantizes_with_a_calibration_file(tmp_path, monkeypatch, capsys):
+    from compiler.cli import main
+
+    module = tmp_path / "qmodel.py"
+    module.write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(4 * 6 * 6, 2)).eval()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((4, 3, 8, 8), np.float32))
+    argv = ["compress", "qmodel:net", "--passes", "fuse,quantize", "--input-shape", "1,3,8,8",
+            "--out", str(tmp_path)]
+    assert main([*argv, "--calibration", str(tmp_path / "calib.npy")]) == 0
+    assert "quantize: 2 layer(s) quantized" in capsys.readouterr().out
+    assert (tmp_path / "net.onnx").exists()
+    assert main([*argv, "--calibration", str(tmp_path / "missing.npy")]) == 2
+    assert "cannot read calibration data" in capsys.readouterr().err
