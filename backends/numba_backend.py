@@ -275,6 +275,7 @@ __all__ = ["InputError", "Model", "load"]
 KERNEL_FILES = {
     "numba_kernels.py": "kernels.py",
     "numba_kernels_conv.py": "kernels_conv.py",
+    "numba_kernels_int8.py": "kernels_int8.py",
     "numba_runtime.py": "runtime.py",
 }
 
@@ -296,10 +297,12 @@ import numpy as np
 try:  # inside a saved package
     from . import kernels as K
     from . import kernels_conv as KC
+    from . import kernels_int8 as KQ
     from . import runtime
 except ImportError:  # compiled in-process, inside the slimgraph repository
     from backends import numba_kernels as K
     from backends import numba_kernels_conv as KC
+    from backends import numba_kernels_int8 as KQ
     from backends import numba_runtime as runtime
 
 INF = math.inf

@@ -1,15 +1,18 @@
-"""Numba emitters of the quantization ops.
+"""Numba emitters of the quantization ops, and the integer conv2d/linear patterns.
 
-A dequantize of a constant (an int8 weight, an int32 bias) is evaluated once at compile time:
-the generated forward reads the float weight (the numba integer kernels, which read the int8
-weight itself, replace the conv/linear patterns around it). Activation quantize/dequantize lines
-call numpy with the same float32 arithmetic as the reference, so they are bit-exact with it.
+``conv2d(dq(x_u8), dq($w_int8), b) {relu|clip}`` (groups 1) and the same linear run in the integer
+kernels of :mod:`backends.numba_kernels_int8` (uint8 x int8, int32 accumulation, VNNI), with a
+following per-tensor uint8 quantize fused as requantization. Everything else runs in float: a
+dequantize of constants is evaluated once at compile time, activation quantize/dequantize lines
+call numpy with the reference's float32 arithmetic (bit-exact with it).
 """
 
 from __future__ import annotations
 
-from backends.numba_backend import Codegen, emitter
-from compiler.ir import Node
+import numpy as np
+
+from backends.numba_backend import EMITTERS, Codegen, emitter
+from compiler.ir import Node, Value
 from compiler.op_table import get_op
 from compiler.ops.quant import expand_param, quant_range
 
@@ -29,6 +32,9 @@ def _params(gen: Codegen, node: Node, dtype: str) -> tuple[str, str | None]:
 @emitter("quantize_linear")
 def _quantize(gen: Codegen, node: Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
+    p = x.producer
+    if p is not None and integer_layer(p) and fused_quantize(gen.graph, p) is node:
+        return  # requantized in the integer kernel's epilogue
     s, z = _params(gen, node, x.dtype)
     lo, hi = quant_range(y.dtype, node.attrs["bits"])
     q = f"np.rint({gen.arg(x)} / {s})" + (f" + {z}" if z else "")
@@ -38,7 +44,13 @@ def _quantize(gen: Codegen, node: Node) -> None:
 @emitter("dequantize_linear")
 def _dequantize(gen: Codegen, node: Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    if all(v is None or v.is_constant for v in node.inputs):
+    constant = all(v is None or v.is_constant for v in node.inputs)
+    readers = y.uses
+    if readers and not any(v is y for v in gen.graph.outputs) and all(
+        integer_layer(n) and (i in (1, 2) if constant else i == 0) for n, i in readers
+    ):
+        return  # the integer kernels read the int8 weight / uint8 tensor itself
+    if constant:
         arrays = [None if v is None else v.data for v in node.inputs]
         (value,) = get_op(node.op).run(arrays, node.attrs)
         gen.exprs[id(y)] = gen.weight(value, y.name)
@@ -46,3 +58,143 @@ def _dequantize(gen: Codegen, node: Node) -> None:
     s, z = _params(gen, node, "int32")
     q = f"{gen.arg(x)}.astype(np.int32)" + (f" - {z}" if z else "")
     gen.emit(f"np.multiply(({q}).astype({s}.dtype), {s}, out={gen.out(y)})")
+
+
+# -- integer conv2d / linear -------------------------------------------------------------------
+# ``conv2d(dq(x_u8), dq($w_i8), b)`` runs in KQ.conv2d_u8s8 on the uint8 tensor itself; the input
+# dequantize is then not emitted, and a following per-tensor uint8 quantize is fused into the
+# kernel's epilogue (requantization). Anything else takes the float path.
+
+ACT = {None: "KQ.NONE", "relu": "KQ.RELU", "clip": "KQ.CLIP"}
+
+
+def _uint8_input(value: Value | None):
+    """(x_u8, scale, zero point) when ``value`` is a per-tensor dequantize of a runtime uint8."""
+    p = value.producer if value is not None else None
+    if p is None or p.op != "dequantize_linear":
+        return None
+    q, s = p.inputs[0], p.inputs[1]
+    z = p.inputs[2] if len(p.inputs) > 2 else None
+    if q.is_constant or q.dtype != "uint8" or not s.is_constant or s.numel != 1:
+        return None
+    if z is not None and (not z.is_constant or z.numel != 1):
+        return None
+    return q, float(s.data), 0 if z is None else int(z.data)
+
+
+def _int8_weight(value: Value):
+    """(q int8, per-channel scale) when ``value`` dequantizes a constant symmetric int8 weight."""
+    p = value.producer
+    if p is None or p.op != "dequantize_linear" or p.attrs["block_size"]:
+        return None
+    q, s = p.inputs[0], p.inputs[1]
+    z = p.inputs[2] if len(p.inputs) > 2 else None
+    if not (q.is_constant and s.is_constant and q.dtype == "int8") or p.attrs["axis"] % 2:
+        return None
+    if z is not None and (not z.is_constant or np.any(z.data != 0)):
+        return None
+    scale = np.broadcast_to(s.data.astype(np.float32).reshape(-1), (q.shape[0],))
+    return q.data, scale
+
+
+def _const_bias(value: Value | None):
+    """The bias as float32 (empty for none), or None when it is not computable now."""
+    if value is None:
+        return np.empty(0, np.float32)
+    if value.is_constant:
+        return value.data.astype(np.float32).reshape(-1)
+    p = value.producer
+    if p.op == "dequantize_linear" and all(v is None or v.is_constant for v in p.inputs):
+        (array,) = get_op(p.op).run([None if v is None else v.data for v in p.inputs], p.attrs)
+        return array.astype(np.float32).reshape(-1)
+    return None
+
+
+def integer_layer(node: Node) -> bool:
+    """Whether the int8 kernels take this conv2d/linear."""
+    if node.op == "conv2d" and node.attrs["groups"] != 1:
+        return False
+    if node.op == "linear" and len(node.inputs[0].shape) != 2:
+        return False
+    if node.op not in ("conv2d", "linear") or node.attrs["activation"] not in ACT:
+        return False
+    r = node.inputs[3] if len(node.inputs) > 3 else None
+    if r is not None and (r.shape != node.outputs[0].shape or r.dtype != "float32"):
+        return False
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    return (
+        _uint8_input(node.inputs[0]) is not None
+        and _int8_weight(node.inputs[1]) is not None
+        and _const_bias(b) is not None
+    )
+
+
+def fused_quantize(graph, node: Node) -> Node | None:
+    """The per-tensor uint8 quantize that is the sole reader of ``node``'s output, if any."""
+    y = node.outputs[0]
+    if len(y.uses) != 1 or any(v is y for v in graph.outputs):
+        return None
+    q = y.uses[0][0]
+    if q.op != "quantize_linear" or q.attrs["bits"] != 8 or q.outputs[0].dtype != "uint8":
+        return None
+    s, z = q.inputs[1], q.inputs[2] if len(q.inputs) > 2 else None
+    if not s.is_constant or s.numel != 1 or (z is not None and (not z.is_constant
+                                                                or z.numel != 1)):
+        return None
+    return q
+
+
+def _f32(value: float) -> str:
+    return f"np.float32({float(np.float32(value))!r})"
+
+
+def _emit_integer(gen: Codegen, node: Node) -> None:
+    from backends.numba_kernels_int8 import pack_weight
+
+    xq, sx, zx = _uint8_input(node.inputs[0])
+    wq, sw = _int8_weight(node.inputs[1])
+    bias = _const_bias(node.inputs[2] if len(node.inputs) > 2 else None)
+    r = node.inputs[3] if len(node.inputs) > 3 else None
+    y = node.outputs[0]
+    packed, wsum, k4, o16 = pack_weight(wq)
+    o = wq.shape[0]
+    name = node.name
+    consts = [gen.weight(packed, f"{name}.packed"), gen.weight(wsum, f"{name}.wsum"), k4, o16, o]
+    scale = gen.weight((np.float32(sx) * sw).astype(np.float32), f"{name}.scale")
+    act = node.attrs["activation"]
+    attrs = node.attrs["activation_attrs"] or {}
+    lo = attrs.get("min_val") if act == "clip" else None
+    hi = attrs.get("max_val") if act == "clip" else None
+    lo, hi = -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi)
+    q = fused_quantize(gen.graph, node)
+    rank = len(y.shape)
+    if q is not None:
+        sy, zy = float(q.inputs[1].data), float(q.inputs[2].data) if len(q.inputs) > 2 else 0.0
+        outs = [gen.none(rank, "float32"), gen.out(q.outputs[0])]
+    else:
+        sy, zy = 1.0, 0.0
+        outs = [gen.out(y), gen.none(rank, "uint8")]
+    res = gen.none(rank, "float32") if r is None else gen.arg(r)
+    tail = [scale, gen.weight(bias, f"{name}.bias"), res, ACT[act], lo, hi, _f32(sy),
+            _f32(zy), q is not None, *outs]
+    if node.op == "conv2d":
+        a = node.attrs
+        kh, kw = wq.shape[2:]
+        geometry = [kh, kw, *a["stride"], *a["padding"], *a["dilation"]]
+        gen.call("KQ.conv2d_u8s8", gen.arg(xq), zx, *consts, *geometry, *tail)
+    else:
+        gen.call("KQ.linear_u8s8", gen.arg(xq), zx, *consts, *tail)
+
+
+def _layer_emitter(float_emitter):
+    def emit(gen: Codegen, node: Node) -> None:
+        if integer_layer(node):
+            _emit_integer(gen, node)
+        else:
+            float_emitter(gen, node)
+
+    return emit
+
+
+for _op in ("conv2d", "linear"):
+    EMITTERS[_op] = _layer_emitter(EMITTERS[_op])

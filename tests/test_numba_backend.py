@@ -439,7 +439,8 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
     (tmp_path / "pkg" / "stale.txt").write_text("old")
     path = model.save(tmp_path / "pkg")
     assert sorted(os.listdir(path)) == sorted(
-        ["__init__.py", "model.py", "kernels.py", "kernels_conv.py", "runtime.py", "weights.npz"]
+        ["__init__.py", "model.py", "kernels.py", "kernels_conv.py", "kernels_int8.py",
+         "runtime.py", "weights.npz"]
     )
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left behind
     np.save(tmp_path / "x.npy", x)

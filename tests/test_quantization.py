@@ -515,3 +515,44 @@ def test_cli_quantizes_with_a_calibration_file(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "net.onnx").exists()
     assert main([*argv, "--calibration", str(tmp_path / "missing.npy")]) == 2
     assert "cannot read calibration data" in capsys.readouterr().err
+
+
+# -- numba integer kernels ---------------------------------------------------------------------
+
+
+def test_numba_runs_quantized_convs_and_linears_in_integer_kernels(tiny, calib, tmp_path):
+    from backends.numba_backend import load_numba
+
+    q = quantized(tiny, calib)
+    model = compile_numba(q)
+    assert model.source.count("KQ.conv2d_u8s8(") == 3 and model.source.count("KQ.linear_u8s8(") == 1
+    assert not any(a.dtype == np.float32 and a.ndim == 4 for a in model.weights.values()
+                   if a.size > 1), "float copies of the int8 conv weights are not kept"
+    x = calib[:2]
+    for i in range(2):
+        (sim,) = run(q, [x[i : i + 1]])
+        (got,) = model.run(x[i : i + 1])
+        assert deviation([sim], [got]) < 1e-3  # requantization rounding may flip one step
+    saved = load_numba(model.save(tmp_path / "int8_tiny"))
+    np.testing.assert_array_equal(saved.run(x[:1])[0], model.run(x[:1])[0])
+
+
+def test_numba_integer_conv_matches_the_reference_with_padding_stride_and_zero_points():
+    from backends.numba_kernels_int8 import RELU, conv2d_u8s8, pack_weight
+    from compiler.ops.nn import conv2d
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (2, 5, 9, 7)).astype(np.uint8)
+    w = rng.integers(-127, 128, (19, 5, 3, 2)).astype(np.int8)
+    scale = rng.random(19).astype(np.float32) * 1e-3
+    bias = rng.standard_normal(19).astype(np.float32)
+    packed, wsum, k4, o16 = pack_weight(w)
+    want = conv2d(x.astype(np.float64) - 9, w.astype(np.float64), None, None, stride=(2, 1),
+                  padding=(1, 2), dilation=(1, 2), groups=1, activation=None,
+                  activation_attrs=None)
+    want = np.maximum(want * scale[None, :, None, None] + bias[None, :, None, None], 0)
+    got = np.empty(want.shape, np.float32)
+    none_f, none_q = np.empty((0,) * 4, np.float32), np.empty((0,) * 4, np.uint8)
+    conv2d_u8s8(x, 9, packed, wsum, k4, o16, 19, 3, 2, 2, 1, 1, 2, 1, 2, scale, bias, none_f,
+                RELU, 0.0, 0.0, np.float32(1), np.float32(0), False, got, none_q)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
