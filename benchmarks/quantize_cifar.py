@@ -2,7 +2,8 @@
 ``quantize`` (int8, and mixed precision) against ONNX Runtime's own ``quantize_static`` (QDQ, U8S8,
 per channel) on the same fused model and the same calibration images; accuracy on test_dev_2k
 (run in ONNX Runtime, integer kernels), file sizes, and batch-1 latency in ONNX Runtime (fp32 vs
-int8, medians of interleaved repeats, 1 thread) with the share of kernel time in integer kernels.
+int8, medians of interleaved repeats, 1 thread) with the share of kernel time in integer kernels;
+numba fp32 vs numba int8 (integer kernels); and prune-then-quantize.
 
     python benchmarks/quantize_cifar.py                         # both models (minutes)
     python benchmarks/quantize_cifar.py --depths 20 --calibrators percentile --repeats 50
@@ -84,6 +85,24 @@ def latencies(models: dict[str, onnx.ModelProto], repeats: int) -> dict[str, flo
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
+def numba_latencies(graphs: dict, repeats: int) -> dict[str, float]:
+    """Median batch-1 ms of each graph in the numba backend, interleaved rounds."""
+    from backends.numba_backend import compile_numba
+
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    models = {k: compile_numba(g) for k, g in graphs.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        for _ in range(10):
+            m.run(x)
+    for _ in range(repeats):
+        for k, m in models.items():
+            t = time.perf_counter()
+            m.run(x)
+            times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
 def integer_share(model: onnx.ModelProto) -> float:
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     kernels = kernel_profile(model, [x], runs=20)
@@ -97,6 +116,8 @@ def main() -> int:
     ap.add_argument("--calibration", type=int, default=256, help="calibration images")
     ap.add_argument("--mixed", default="6", help="average weight bits for mixed precision")
     ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--prune", type=float, default=0.8,
+                    help="also prune to this MAC fraction, then quantize (0: skip)")
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         print(f"quantize_cifar: skipped, no data under {cifar.data_dir()}")
@@ -110,12 +131,15 @@ def main() -> int:
         graph = compile(model, torch.zeros(1, 3, 32, 32), passes=["fuse"], check=False).graph
         fp32 = compile_onnx(graph).model
         rows = {"fp32": (fp32, cifar.evaluate(model, x_dev, y_dev), 0.0)}
+        ours_name = f"slimgraph int8 ({args.calibrators.split(',')[0]})"
+        ours_graph = {}
         for cal in [c for c in args.calibrators.split(",") if c]:
             start = time.perf_counter()
             q = compile(graph, passes=[Quantize(calibrator=cal)], calibration_data=calib,
                         check=False).graph
             seconds = time.perf_counter() - start
             emitted = compile_onnx(q).model
+            ours_graph.setdefault("int8", q)
             rows[f"slimgraph int8 ({cal})"] = (emitted, ort_accuracy(emitted, x_dev, y_dev),
                                                seconds)
         for bits in [float(b) for b in args.mixed.split(",") if b]:
@@ -128,6 +152,20 @@ def main() -> int:
             emitted = compile_onnx(q).model
             rows[f"slimgraph mixed ({bits:g} bits)"] = (
                 emitted, ort_accuracy(emitted, x_dev, y_dev), seconds)
+        if args.prune:
+            from passes.pruning import PruneChannels
+
+            unfused = compile(model, torch.zeros(1, 3, 32, 32), check=False).graph
+            pruned = compile(unfused, passes=[PruneChannels(
+                target=args.prune, scope="global", round_to=4, shortcut=False), "fuse"],
+                check=False).graph
+            start = time.perf_counter()
+            pq = compile(pruned, passes=[Quantize()], calibration_data=calib, check=False).graph
+            seconds = time.perf_counter() - start
+            for label, g, sec in ((f"pruned {args.prune:g} MACs fp32", pruned, 0.0),
+                                  (f"pruned {args.prune:g} MACs + int8", pq, seconds)):
+                emitted = compile_onnx(g).model
+                rows[label] = (emitted, ort_accuracy(emitted, x_dev, y_dev), sec)
         start = time.perf_counter()
         ort_q = ort_quantize_static(fp32, calib)
         rows["ORT quantize_static"] = (ort_q, ort_accuracy(ort_q, x_dev, y_dev),
@@ -143,12 +181,16 @@ def main() -> int:
             print(f"{name:32} {acc:6.2f} {size / 1024:8.1f} {base_bytes / size:6.2f}x "
                   f"{ms[name]:7.3f} {ms['fp32'] / ms[name]:6.2f}x {100 * share:10.1f}% "
                   f"{seconds:10.1f}")
+        nb = numba_latencies({"fp32": graph, "int8": ours_graph["int8"]}, args.repeats)
+        print(f"numba (1 thread): fp32 {nb['fp32']:.3f} ms, {ours_name} {nb['int8']:.3f} ms "
+              f"({nb['fp32'] / nb['int8']:.2f}x)")
         ours = max((k for k in rows if k.startswith("slimgraph int8")), key=lambda k: rows[k][1])
         summary.append(
             f"ResNet-{depth}: fp32 {rows['fp32'][1]:.2f} %, {ours} {rows[ours][1]:.2f} %, "
             f"ORT quantize_static {rows['ORT quantize_static'][1]:.2f} %, "
             f"{base_bytes / len(rows[ours][0].SerializeToString()):.1f}x smaller, "
-            f"{ms['fp32'] / ms[ours]:.2f}x faster in ORT"
+            f"{ms['fp32'] / ms[ours]:.2f}x faster in ORT, "
+            f"{nb['fp32'] / nb['int8']:.2f}x in numba"
         )
     print("\nquantize_cifar: " + "; ".join(summary))
     return 0
