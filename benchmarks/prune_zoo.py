@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import statistics
@@ -16,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.isolated import map_isolated  # noqa: E402
 from compiler.zoo import PRUNE_CONFIGS, check_pruning, zoo_names  # noqa: E402
 
 
@@ -30,24 +30,19 @@ def main() -> int:
 
     results = []
     start = time.perf_counter()
-    with cf.ProcessPoolExecutor(args.workers, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(check_pruning, n): n for n in names}
-        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="prune zoo",
-                        file=sys.stderr):
-            try:
-                r = fut.result()
-            except Exception as e:  # a worker died
-                r = {"model": futures[fut], "error": f"worker died: {e}"}
-            results.append(r)
-            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-            with open(args.json, "w") as f:  # after every model, so a cut-short run keeps its data
-                json.dump(results, f, indent=1)
-            errors = [f"{k}: {v['error']}" for k, v in r.items()
-                      if isinstance(v, dict) and "error" in v]
-            if "error" in r:
-                errors.append(r["error"])
-            for e in errors:
-                tqdm.write(f"{r['model']}: {e[:300]}", file=sys.stderr)
+    jobs = map_isolated(check_pruning, names, workers=args.workers)
+    for name, status, value in tqdm(jobs, total=len(names), desc="prune zoo", file=sys.stderr):
+        r = value if status == "ok" else {"model": name, "error": value}
+        results.append(r)
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:  # after every model, so a cut-short run keeps its data
+            json.dump(results, f, indent=1)
+        errors = [f"{k}: {v['error']}" for k, v in r.items()
+                  if isinstance(v, dict) and "error" in v]
+        if "error" in r:
+            errors.append(r["error"])
+        for e in errors:
+            tqdm.write(f"{r['model']}: {e[:300]}", file=sys.stderr)
     results.sort(key=lambda r: r["model"])
     total = len(results)
     for config in PRUNE_CONFIGS:

@@ -11,7 +11,7 @@ weights and the smallest input size the architecture accepts (compiler/zoo.py). 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
+import functools
 import json
 import os
 import sys
@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.isolated import map_isolated  # noqa: E402
 from compiler.zoo import check_model, zoo_names  # noqa: E402
 
 # the largest models, spread over the run so that two never share the machine's memory
@@ -60,16 +61,13 @@ def main() -> int:
 
     results = []
     start = time.perf_counter()
-    with cf.ProcessPoolExecutor(args.workers, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(check_model, n, checks, passes): n for n in order}
-        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="zoo", file=sys.stderr):
-            try:
-                r = fut.result()
-            except Exception as e:  # a worker died (out of memory, crash)
-                r = {"model": futures[fut], "error": f"worker died: {e}", "deviation": {}}
-            results.append(r)
-            if "error" in r:
-                tqdm.write(f"{r['model']}: {r['error'][:300]}", file=sys.stderr)
+    run_one = functools.partial(check_model, checks=checks, passes=passes)
+    jobs = map_isolated(run_one, order, workers=args.workers)
+    for name, status, value in tqdm(jobs, total=len(order), desc="zoo", file=sys.stderr):
+        r = value if status == "ok" else {"model": name, "error": value, "deviation": {}}
+        results.append(r)
+        if "error" in r:
+            tqdm.write(f"{r['model']}: {r['error'][:300]}", file=sys.stderr)
     results.sort(key=lambda r: r["model"])
     total = len(results)
     for key in ("imported", "fused", *checks):

@@ -169,6 +169,7 @@ def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) ->
     """Fuse one zoo model, then prune it with each config: record whether it pruned (graph verified,
     output shape unchanged, fewer MACs), whether it matches its masked original (the pass's proof),
     and whether torch and ONNX Runtime run it (matching the interpreter)."""
+    import gc
     import time
 
     import torch
@@ -188,6 +189,7 @@ def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) ->
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
         fused = compile(model, x, passes=["fuse"], check=False).graph
         base = graph_stats(fused)
+        del model  # the largest models (regnet_y_128gf) need every copy of their weights freed
     except Exception as e:  # noqa: BLE001
         result["error"] = f"import: {type(e).__name__}: {str(e)[:400]}"
         return result
@@ -207,12 +209,15 @@ def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) ->
             ref = run(graph, [x.numpy()])
             with torch.no_grad():
                 t_out = [compile_torch(graph)(x).numpy()]
+            gc.collect()  # one backend's copy of the weights at a time
             o_out = compile_onnx(graph).run(x.numpy())
             r["runs"] = bool(deviation(ref, t_out) <= 1e-4 and deviation(ref, o_out) <= 1e-4)
         except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
             r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         r["seconds"] = time.perf_counter() - start
         result[config] = r
+        graph = None
+        gc.collect()
     return result
 
 
