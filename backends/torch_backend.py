@@ -534,6 +534,37 @@ def to_graph(module: GraphModule) -> Graph:
     return module.export_graph()
 
 
-__all__ = ["EMITTERS", "GraphModule", "compile_torch", "emitter", "to_graph", "torch_dtype"]
+def mean_centroid_gradients(module: GraphModule) -> list[Any]:
+    """Divide each shared weight's centroid gradients by the centroid's member count.
+
+    A codebook's gradient is the sum over the weights that share each centroid, so an SGD step on
+    it grows with the members per centroid (on ResNet-56, plain SGD at lr 1e-4 diverged at 5 bits,
+    not at 8). With this hook a centroid moves as far as one of its weights would, so the learning
+    rate of dense weights applies. Returns the hook handles (``handle.remove()`` undoes it).
+    """
+    attrs = {id(v): name for v, name in zip(module._graph.constants(), module._const_attrs,
+                                            strict=True)}
+    handles = []
+    for node in module._graph.find("codebook_lookup"):
+        codebook = getattr(module, attrs[id(node.inputs[0])])
+        indices = getattr(module, attrs[id(node.inputs[1])])
+        groups, k = codebook.shape
+        index = unpack_indices(indices, node.attrs["bits"], math.prod(node.attrs["shape"]))
+        group = torch.arange(groups, device=index.device).repeat_interleave(index.numel() // groups)
+        members = torch.bincount(index + group * k, minlength=groups * k).reshape(groups, k)
+        scale = 1.0 / members.clamp(min=1).to(codebook.dtype)
+        handles.append(codebook.register_hook(lambda grad, scale=scale: grad * scale.to(grad)))
+    return handles
+
+
+__all__ = [
+    "EMITTERS",
+    "GraphModule",
+    "compile_torch",
+    "emitter",
+    "mean_centroid_gradients",
+    "to_graph",
+    "torch_dtype",
+]
 
 from backends import torch_quant  # noqa: E402,F401  (registers quantize/dequantize)

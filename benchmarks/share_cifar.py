@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -31,10 +29,9 @@ import torch  # noqa: E402
 import backends.numba_emitters as numba_emitters  # noqa: E402
 from backends.numba_backend import compile_numba  # noqa: E402
 from backends.onnx_backend import compile_onnx  # noqa: E402
-from backends.torch_backend import compile_torch, to_graph  # noqa: E402
+from backends.torch_backend import compile_torch, mean_centroid_gradients, to_graph  # noqa: E402
 from compiler import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
-from compiler.ops.codebook import unpack_indices  # noqa: E402
 from compiler.pass_manager import PassManager  # noqa: E402
 from passes.pruning import PruneChannels  # noqa: E402
 from passes.weight_sharing import ShareWeights  # noqa: E402
@@ -105,26 +102,6 @@ def evaluate_onnx(model, x, y) -> float:
     return cifar.evaluate(lambda batch: model.run(batch)[0], x, y, batch_size=BATCH)
 
 
-def mean_centroid_gradients(module, graph) -> list:
-    """Divide each centroid's gradient (the sum over its members) by its member count, so that SGD
-    moves a centroid as far as one of its weights would move: with the plain sum, the step grows
-    with the members per centroid (5 bits diverged at lr 1e-4 where 8 bits did not). Returns the
-    hook handles."""
-    handles = []
-    for node in graph.find("codebook_lookup"):
-        codebook, indices = node.inputs
-        count = math.prod(node.attrs["shape"])
-        index = unpack_indices(indices.data, node.attrs["bits"], count)
-        groups, k = codebook.shape
-        members = np.zeros((groups, k))
-        rows = np.repeat(np.arange(groups), count // groups)
-        np.add.at(members, (rows, index), 1)
-        scale = torch.from_numpy(1 / np.maximum(members, 1)).float()
-        param = dict(module.named_parameters())[re.sub(r"\W", "_", codebook.name)]
-        handles.append(param.register_hook(lambda g, s=scale: g * s))
-    return handles
-
-
 def share_and_tune(graph, bits: int, epochs: float, lr: float, data, groups: int = 1):
     """Share ``graph`` at ``bits``; returns (graph, acc before, acc after fine-tune, seconds)."""
     x_dev, y_dev, x_train, y_train = data
@@ -134,7 +111,7 @@ def share_and_tune(graph, bits: int, epochs: float, lr: float, data, groups: int
     acc1, seconds = float("nan"), 0.0
     if epochs > 0:
         start = time.perf_counter()
-        mean_centroid_gradients(module, shared)
+        mean_centroid_gradients(module)  # SGD on the mean, not the sum, of member gradients
         cifar.finetune(module, x_train, y_train, epochs=epochs, lr=lr)
         seconds = time.perf_counter() - start
         acc1 = cifar.evaluate(module, x_dev, y_dev)

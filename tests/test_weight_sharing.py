@@ -10,7 +10,7 @@ import torch
 import backends.numba_emitters as numba_emitters
 from backends.numba_backend import compile_numba
 from backends.onnx_backend import compile_onnx
-from backends.torch_backend import compile_torch, to_graph
+from backends.torch_backend import compile_torch, mean_centroid_gradients, to_graph
 from compiler.errors import OptionError, PassError
 from compiler.interpreter import run
 from compiler.ir import Graph
@@ -251,6 +251,22 @@ def test_centroid_gradient_is_the_sum_over_members():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert isinstance(getattr(module, name), torch.nn.Parameter)
     assert not any("indices" in n for n, _ in module.named_parameters())
+
+
+def test_mean_centroid_gradients_divides_by_member_counts():
+    graph = share(conv_net(), bits=3, groups=2, min_weights=0)
+    x = torch.from_numpy(randn(2, 3, 6, 6))
+    grads = []
+    for scaled in (False, True):
+        module = compile_torch(graph)
+        if scaled:
+            assert len(mean_centroid_gradients(module)) == 3
+        module(x).sum().backward()
+        grads.append(module.conv2_weight_codebook.grad.numpy())
+    lookup = graph.find("codebook_lookup")[1]
+    index = unpack_indices(lookup.inputs[1].data, 3, 288).reshape(2, -1)
+    members = np.stack([np.bincount(index[g], minlength=8) for g in range(2)])
+    np.testing.assert_allclose(grads[1], grads[0] / np.maximum(members, 1), rtol=1e-5, atol=1e-7)
 
 
 def test_fine_tune_round_trips_into_the_ir():
