@@ -2,6 +2,7 @@
 
     python benchmarks/zoo.py                       # all 80 models, all checks, 2 workers
     python benchmarks/zoo.py --models resnet18,vit_b_16 --checks interpreter,onnx
+    python benchmarks/zoo.py --checks factorized --workers 1   # `N/80 factorized` (compiler/zoo.py)
 
 Each model runs in its own worker process (memory is returned after each model). Models use random
 weights and the smallest input size the architecture accepts (compiler/zoo.py). Results also go to
