@@ -115,17 +115,22 @@ class FactorizeRank(Pass):
                 hint="use form='channel' or 'auto' with calibration_data, or drop the data",
             )
         moments = self._second_moments(graph, nodes) if self.calibration_data is not None else {}
-        layers = [Layer.analyse(n, self, moments.get(n.name)) for n in nodes]
-        if self.target is not None:
-            chosen = self._allocate(graph, layers)
-        else:
-            chosen = [self._select(layer) for layer in layers]
         done = {}
-        for layer, choice in zip(layers, chosen):
+
+        def rewrite(layer: Layer, choice: rs.Choice | None) -> None:
             if choice is not None:
                 layer.rewrite(graph, choice)
                 done[layer.node.name] = f"{choice.form} {'x'.join(map(str, choice.ranks))}"
-        graph.meta["factorization"] = {"layers": done, "considered": len(layers)}
+
+        if self.target is not None:  # a global choice: every layer's candidates first
+            layers = [Layer.analyse(n, self, moments.get(n.name)) for n in nodes]
+            for layer, choice in zip(layers, self._allocate(graph, layers)):
+                rewrite(layer, choice)
+        else:  # one layer at a time, so only one layer's SVDs are held (large zoo models)
+            for n in nodes:
+                layer = Layer.analyse(n, self, moments.get(n.name))
+                rewrite(layer, self._select(layer))
+        graph.meta["factorization"] = {"layers": done, "considered": len(nodes)}
         return bool(done)
 
     def _eligible(self, graph: Graph) -> list[Node]:
