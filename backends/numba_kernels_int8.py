@@ -204,3 +204,15 @@ def linear_u8s8(x, zx, packed, wsum, k4, o16, o, scale, bias, res, act, lo, hi, 
         out_q[:] = oq.T
     else:
         out_f[:] = of.T
+
+
+@njit(cache=True)
+def add_u8(a, za, sa, b, zb, sb, relu, sy, zy, out):
+    """``out = quantize(act((a - za) sa + (b - zb) sb))``: a residual add of two uint8 tensors
+    requantized to uint8 (ONNX Runtime's QLinearAdd), all flat."""
+    for i in range(out.size):
+        v = np.float32(np.int32(a[i]) - za) * sa + np.float32(np.int32(b[i]) - zb) * sb
+        if relu:
+            v = max(v, np.float32(0.0))
+        q = np.rint(v / sy) + zy
+        out[i] = np.uint8(min(max(q, 0.0), 255.0))

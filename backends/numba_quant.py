@@ -35,6 +35,10 @@ def _quantize(gen: Codegen, node: Node) -> None:
     p = x.producer
     if p is not None and integer_layer(p) and fused_quantize(gen.graph, p) is node:
         return  # requantized in the integer kernel's epilogue
+    if p is not None and p.op == "relu" and p.inputs[0].producer is not None:
+        p = p.inputs[0].producer
+    if p is not None and (integer_add(gen.graph, p) or (None, None))[1] is node:
+        return  # requantized in the integer add
     s, z = _params(gen, node, x.dtype)
     lo, hi = quant_range(y.dtype, node.attrs["bits"])
     q = f"np.rint({gen.arg(x)} / {s})" + (f" + {z}" if z else "")
@@ -47,7 +51,9 @@ def _dequantize(gen: Codegen, node: Node) -> None:
     constant = all(v is None or v.is_constant for v in node.inputs)
     readers = y.uses
     if readers and not any(v is y for v in gen.graph.outputs) and all(
-        integer_layer(n) and (i in (1, 2) if constant else i == 0) for n, i in readers
+        (integer_layer(n) and (i in (1, 2) if constant else i == 0))
+        or (not constant and integer_add(gen.graph, n) is not None)
+        for n, i in readers
     ):
         return  # the integer kernels read the int8 weight / uint8 tensor itself
     if constant:
@@ -66,6 +72,7 @@ def _dequantize(gen: Codegen, node: Node) -> None:
 # kernel's epilogue (requantization). Anything else takes the float path.
 
 ACT = {None: "KQ.NONE", "relu": "KQ.RELU", "clip": "KQ.CLIP"}
+# ``relu(add(dq(a_u8), dq(b_u8)))`` followed by a uint8 quantize is one KQ.add_u8 (QLinearAdd).
 
 
 def _uint8_input(value: Value | None):
@@ -144,6 +151,21 @@ def fused_quantize(graph, node: Node) -> Node | None:
     return q
 
 
+def integer_add(graph, node: Node) -> tuple[Node | None, Node] | None:
+    """(relu or None, quantize) when ``node`` is an add of two per-tensor uint8 dequantizes whose
+    result is requantized (after an optional relu) to per-tensor uint8: one integer kernel."""
+    if node.op != "add" or any(_uint8_input(v) is None for v in node.inputs):
+        return None
+    if any(v.shape != node.outputs[0].shape for v in node.inputs):
+        return None
+    relu = None
+    y = node.outputs[0]
+    if len(y.uses) == 1 and y.uses[0][0].op == "relu" and not any(v is y for v in graph.outputs):
+        relu = y.uses[0][0]
+    q = fused_quantize(graph, relu or node)
+    return None if q is None else (relu, q)
+
+
 def _f32(value: float) -> str:
     return f"np.float32({float(np.float32(value))!r})"
 
@@ -186,6 +208,32 @@ def _emit_integer(gen: Codegen, node: Node) -> None:
         gen.call("KQ.linear_u8s8", gen.arg(xq), zx, *consts, *tail)
 
 
+def _add_emitter(float_emitter):
+    def emit(gen: Codegen, node: Node) -> None:
+        match = integer_add(gen.graph, node)
+        if match is None:
+            float_emitter(gen, node)
+            return
+        relu, q = match
+        (a, sa, za), (b, sb, zb) = (_uint8_input(v) for v in node.inputs)
+        out = q.outputs[0]
+        sy, zy = float(q.inputs[1].data), float(q.inputs[2].data) if len(q.inputs) > 2 else 0.0
+        gen.call("KQ.add_u8", gen.arg(a, (a.numel,)), za, _f32(sa), gen.arg(b, (b.numel,)), zb,
+                 _f32(sb), relu is not None, _f32(sy), _f32(zy), gen.out(out, (out.numel,)))
+
+    return emit
+
+
+def _relu_emitter(float_emitter):
+    def emit(gen: Codegen, node: Node) -> None:
+        p = node.inputs[0].producer
+        if p is not None and (integer_add(gen.graph, p) or (None,))[0] is node:
+            return  # applied inside the integer add
+        float_emitter(gen, node)
+
+    return emit
+
+
 def _layer_emitter(float_emitter):
     def emit(gen: Codegen, node: Node) -> None:
         if integer_layer(node):
@@ -198,3 +246,5 @@ def _layer_emitter(float_emitter):
 
 for _op in ("conv2d", "linear"):
     EMITTERS[_op] = _layer_emitter(EMITTERS[_op])
+EMITTERS["add"] = _add_emitter(EMITTERS["add"])
+EMITTERS["relu"] = _relu_emitter(EMITTERS["relu"])

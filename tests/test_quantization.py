@@ -526,6 +526,7 @@ def test_numba_runs_quantized_convs_and_linears_in_integer_kernels(tiny, calib, 
     q = quantized(tiny, calib)
     model = compile_numba(q)
     assert model.source.count("KQ.conv2d_u8s8(") == 3 and model.source.count("KQ.linear_u8s8(") == 1
+    assert model.source.count("KQ.add_u8(") == 1 and "K.unary(" not in model.source
     assert not any(a.dtype == np.float32 and a.ndim == 4 for a in model.weights.values()
                    if a.size > 1), "float copies of the int8 conv weights are not kept"
     x = calib[:2]
