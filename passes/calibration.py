@@ -62,6 +62,9 @@ def rebatched(graph: Graph, batch: int) -> Graph | None:
         copy.verify()
     except (SlimgraphError, ValueError, TypeError):
         return None
+    # a reshape whose leading dim is not the batch (Swin's windows: batch * windows) cannot follow
+    if any(n.op == "reshape" and n.inputs[0].numel != n.outputs[0].numel for n in copy.nodes):
+        return None
     if any(v.shape[:1] != (batch,) for v in copy.outputs):
         return None
     return copy
@@ -120,7 +123,14 @@ def run_calibration(
         if g is graph and len(chunk[0]) != traced:
             arrays = _run_per_batch(graph, chunk, values, traced)
         else:
-            arrays = run(g, chunk, keep=kept)[len(g.outputs) :]
+            try:
+                arrays = run(g, chunk, keep=kept)[len(g.outputs) :]
+            except SlimgraphError:
+                if g is graph:
+                    raise
+                copies[len(chunk[0])] = (graph, list(values))  # the copy cannot follow: per batch
+                arrays = _run_per_batch(graph, chunk, values, traced)
+                g = graph
             if not checked and g is not graph:
                 _check_rebatched(graph, chunk, values, arrays, traced)
         checked = True

@@ -557,3 +557,16 @@ def test_numba_integer_conv_matches_the_reference_with_padding_stride_and_zero_p
     conv2d_u8s8(x, 9, packed, wsum, k4, o16, 19, 3, 2, 2, 1, 1, 2, 1, 2, scale, bias, none_f,
                 RELU, 0.0, 0.0, np.float32(1), np.float32(0), False, got, none_q)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_falls_back_to_batch_by_batch_when_a_reshape_cannot_follow(calib):
+    from passes.calibration import rebatched
+
+    g = Graph("windows")  # (1, 2, 4) -> (2, 4): the leading dim is not the batch
+    x = g.add_input("x", (1, 2, 4))
+    node = g.add_node("reshape", [x], {"shape": (2, 4)})
+    g.outputs = list(g.add_node("relu", node.outputs).outputs)
+    assert rebatched(g, 8) is None
+    data = np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)
+    stats = run_calibration(g, [data], [node.outputs[0]], batch_size=4)
+    assert stats[node.outputs[0].name].hi == pytest.approx(float(data.max()))
