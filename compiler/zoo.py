@@ -330,6 +330,7 @@ def check_quantization(graph, x, samples: int = 4) -> dict:
         kernels = kernel_profile(model.model, [x], runs=3)  # the first run prepacks weights
         integer = sum(v for k, v in kernels.items() if k.startswith("QLinear") or k == "QGemm")
         r["integer_share"] = integer / max(sum(kernels.values()), 1e-9)
+        r["kernels"] = sorted(kernels)  # which kernel types ran: a fact, unlike the time share
         r["quantized"] = bool(np.isfinite(out).all() and r["layers"] > 0)
     except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
         r["error"] = f"{type(e).__name__}: {str(e)[:400]}"

@@ -493,7 +493,9 @@ def test_zoo_check_quantizes_and_runs_in_integer_kernels(tiny, calib):
 
     r = check_quantization(tiny, calib[:1])
     assert r["quantized"] and r["layers"] == 4 and r["float"] == 0, r
-    assert r["integer_share"] > 0.5 and r["deviation"] < 0.1
+    # the time share is load-dependent (reported, not asserted); the kernel types are not
+    assert "QLinearConv" in r["kernels"] and "Conv" not in r["kernels"], r["kernels"]
+    assert r["deviation"] < 0.1
 
 
 def test_cli_quantizes_with_a_calibration_file(tmp_path, monkeypatch, capsys):
