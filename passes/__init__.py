@@ -1,5 +1,13 @@
 """Built-in passes, one pass family per module; importing this package registers them."""
 
-from passes import cleanup, factorization, fusion, pruning  # noqa: F401  (registers the passes and the ``fuse`` preset)
-from passes import weight_sharing  # noqa: F401  (share-weights)
-from passes import equalization, quantization  # noqa: F401  (quantize, equalize-cross-layer)
+# registers the passes (prune-channels, factorize-rank, share-weights, quantize, ...) and the
+# ``fuse`` preset
+from passes import (  # noqa: F401
+    cleanup,
+    equalization,
+    factorization,
+    fusion,
+    pruning,
+    quantization,
+    weight_sharing,
+)

@@ -3,7 +3,8 @@
 Parameters and buffers become constants; every node remembers the module path it came from
 (``node.meta["source"]``) and the Python line (``node.meta["stack"]``). Subgraphs that depend only
 on constants and use ops we have no converter for (mask construction in Swin, ``full``,
-``arange``...) are evaluated with torch at import time, since with static shapes their result is a constant.
+``arange``...) are evaluated with torch at import time, since with static shapes their result is a
+constant.
 """
 
 from __future__ import annotations
