@@ -85,18 +85,23 @@ class PruneChannels(Pass):
             raise OptionError(f"target_metric {self.target_metric!r} is not 'macs' or 'params'")
         if self.round_to < 1 or self.min_channels < 1:
             raise OptionError("round_to and min_channels must be at least 1")
-        name = self.criterion if isinstance(self.criterion, str) else None
         get_criterion(self.criterion)
+
+    def _check_data(self) -> None:
+        """Data-driven criteria need their data when the pass runs (not when it is built:
+        ``compile(..., calibration_data=...)`` hands its data to a copy of the pass)."""
+        name = self.criterion if isinstance(self.criterion, str) else None
         if name in NEEDS_DATA and self.calibration_data is None:
             raise OptionError(
                 f"criterion '{name}' needs calibration data",
-                hint="pass calibration_data=<example inputs>",
+                hint="pass calibration_data=<example inputs> to the pass or to compile()",
             )
         if name in NEEDS_LABELS and self.labels is None:
             raise OptionError(f"criterion '{name}' needs labels", hint="pass labels=<class ids>")
 
     # -- the pass ---------------------------------------------------------------------------------
     def run(self, graph: Graph) -> bool:
+        self._check_data()
         analysis = ChannelGroups(graph)
         groups = self._eligible(graph, analysis)
         scores = self._scores(graph, analysis, groups)

@@ -225,11 +225,11 @@ def test_bad_options_have_clear_errors():
         PruneChannels(ratio=1.2)
     with pytest.raises(OptionError, match="exactly one of"):
         PruneChannels()
-    with pytest.raises(OptionError, match="needs calibration data"):
-        PruneChannels(ratio=0.5, criterion="activation")
-    with pytest.raises(OptionError, match="needs labels"):
-        PruneChannels(ratio=0.5, criterion="taylor", calibration_data=np.zeros((1, 3, 8, 8)))
     g = traced(Residual(), 1, 3, 8, 8)
+    with pytest.raises(OptionError, match="needs calibration data"):
+        prune(g, ratio=0.5, criterion="activation")
+    with pytest.raises(OptionError, match="needs labels"):
+        prune(g, ratio=0.5, criterion="taylor", calibration_data=np.zeros((1, 3, 8, 8)))
     with pytest.raises(OptionError, match="match no prunable layer"):
         prune(g, ratio=0.5, ignore=("nothing.here",))
     with pytest.raises(OptionError, match="unreachable"):
@@ -245,3 +245,14 @@ def test_pruned_model_runs_in_backends(backend):
     assert out.shape == (1, 5)
     np.testing.assert_allclose(out.numpy(), run(compiled.graph, [x.numpy()])[0], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_compile_hands_its_calibration_data_to_a_data_driven_criterion():
+    model = Residual().eval()
+    x = torch.randn(1, 3, 8, 8)
+    calib = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    spec = "prune-channels(ratio=0.5, criterion='activation')"  # buildable without data
+    compiled = compile(model, x, passes=["fuse", spec], calibration_data=calib)
+    assert compiled.graph.meta["pruning"]["mask_deviation"] <= 1e-4
+    with pytest.raises(OptionError, match="needs calibration data"):
+        compile(model, x, passes=["fuse", spec])
