@@ -110,3 +110,16 @@ def test_bad_arguments():
         compiled = compile(small_model(), torch.randn(1, 3, 8, 8), backend=backend)
         with pytest.raises(InputError):
             compiled(np.zeros((1, 3, 9, 9), np.float32))
+
+
+def test_deviation_is_infinite_for_nan_and_uses_one_scale_for_all_outputs():
+    from compiler.pass_manager import deviation
+
+    one = np.ones(3, np.float32)
+    assert deviation([one], [np.array([1, np.nan, 1], np.float32)]) == float("inf")
+    assert deviation([np.array([1, np.inf])], [np.array([1, 5.0])]) == float("inf")
+    assert deviation([np.array([1, np.inf])], [np.array([1, np.inf])]) == 0.0
+    assert deviation([one], [one[:2]]) == float("inf")  # a shape change
+    # a numerically-zero output beside a large one: the error is relative to the graph's scale
+    small, large = np.array([2e-5]), np.array([4.0])
+    assert deviation([small, large], [small + 4e-9, large]) == pytest.approx(1e-9)
