@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import backends.numba_emitters as numba_emitters  # noqa: E402
+import backends.numba_codebook as numba_codebook  # noqa: E402
 from backends.numba_backend import compile_numba  # noqa: E402
 from backends.onnx_backend import compile_onnx  # noqa: E402
 from backends.torch_backend import compile_torch, mean_centroid_gradients, to_graph  # noqa: E402
@@ -80,9 +80,9 @@ def numba_modes(dense, repeats: int) -> dict[str, tuple[float, int]]:
     x = np.random.default_rng(0).random(dense.inputs[0].shape, dtype=np.float32)
     models = {"dense": compile_numba(dense)}
     for mode in ("load", "call"):
-        numba_emitters.CODEBOOK_DECODE = mode
+        numba_codebook.CODEBOOK_DECODE = mode
         models[mode] = compile_numba(shared)
-    numba_emitters.CODEBOOK_DECODE = "load"
+    numba_codebook.CODEBOOK_DECODE = "load"
     for m in models.values():
         m.run(x)
     times: dict[str, list[float]] = {mode: [] for mode in models}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import backends.numba_emitters as numba_emitters
+import backends.numba_codebook as numba_codebook
 from backends.numba_backend import compile_numba
 from backends.onnx_backend import compile_onnx
 from backends.torch_backend import compile_torch, mean_centroid_gradients, to_graph
@@ -191,13 +191,13 @@ def test_backends_match_the_interpreter(bits, groups):
     assert unpack in ops and ("Gather" if groups == 1 else "GatherElements") in ops
     results = {"torch": got_torch, "onnx": onnx_model.run(x)[0]}
     for mode in ("load", "call"):
-        numba_emitters.CODEBOOK_DECODE = mode
+        numba_codebook.CODEBOOK_DECODE = mode
         try:
             model = compile_numba(graph)
             results[f"numba-{mode}"] = model.run(x)[0]
             results[f"numba-{mode}-again"] = model.run(x)[0]
         finally:
-            numba_emitters.CODEBOOK_DECODE = "load"
+            numba_codebook.CODEBOOK_DECODE = "load"
     for name, got in results.items():
         assert deviation([want], [got]) <= 1e-5, name
 
