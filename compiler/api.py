@@ -259,6 +259,5 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
     finally:
         if bar:
             bar.close()
-    manager.report.notes = list(graph.meta.get("notes", ()))
     artifact = _backend_compiler(backend)(graph)
     return CompiledModel(graph, manager.report, backend, artifact)

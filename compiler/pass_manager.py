@@ -245,4 +245,6 @@ class PassManager:
                 total_deviation=total,
                 exact=p.exact,
             )
+        # what passes want the user to know (layers left in float...), for every caller
+        self.report.notes = list(graph.meta.get("notes", ()))
         return graph
