@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -24,20 +22,11 @@ import torch  # noqa: E402
 
 from backends.onnx_backend import compile_onnx  # noqa: E402
 from backends.torch_backend import compile_torch, to_graph  # noqa: E402
+from benchmarks.timing import median_ms  # noqa: E402
 from compiler import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from compiler.report import graph_stats  # noqa: E402
 from passes.pruning import PruneChannels  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 def latencies(graph, repeats: int) -> tuple[float, float]:

@@ -62,16 +62,6 @@ def numba_sizes(graph) -> tuple[int, int, object]:
     return len(data), zipped_size({"weights.npz": data}), model
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 def numba_modes(dense, repeats: int) -> dict[str, tuple[float, int]]:
     """Median latency (ms) and resident bytes (the weights dict after a call, plus the activation
     arena) of the numba model of ``dense``, and of it shared at 4 bits with the weights decoded
