@@ -21,6 +21,12 @@ CODEBOOK_DECODE = "load"
 def _codebook_lookup(gen: Codegen, node: Node) -> None:
     codebook, indices = node.inputs
     y = node.outputs[0]
+    if all(v.is_constant for v in node.inputs) and y.uses and all(
+        reader.op == "dequantize_linear" and index == 0 and all(
+            v.is_constant for v in reader.inputs[1:])
+        for reader, index in y.uses
+    ) and not any(v is y for v in gen.graph.outputs):
+        return  # an int8 shared weight: its dequantize reads it decoded at compile time
     args = (gen.arg(codebook), gen.arg(indices), int(node.attrs["bits"]))
     if CODEBOOK_DECODE == "call" or not (codebook.is_constant and indices.is_constant):
         gen.call("K.codebook_decode", *args, gen.out(y, (y.numel,)))

@@ -17,6 +17,20 @@ from compiler.op_table import get_op
 from compiler.ops.quant import expand_param, quant_range
 
 
+def static_array(value: Value | None) -> np.ndarray | None:
+    """The value's array when it is known at compile time: a constant, or a shared weight (a
+    ``codebook_lookup`` of constants: quantize after share-weights makes int8 ones), decoded."""
+    if value is None:
+        return None
+    if value.is_constant:
+        return value.data
+    p = value.producer
+    if p is not None and p.op == "codebook_lookup" and all(v.is_constant for v in p.inputs):
+        (array,) = get_op(p.op).run([v.data for v in p.inputs], p.attrs)
+        return array
+    return None
+
+
 def _params(gen: Codegen, node: Node, dtype: str) -> tuple[str, str | None]:
     """Expressions of the scale and the zero point (as ``dtype``), broadcastable against x."""
     x, scale = node.inputs[0], node.inputs[1]
@@ -48,7 +62,7 @@ def _quantize(gen: Codegen, node: Node) -> None:
 @emitter("dequantize_linear")
 def _dequantize(gen: Codegen, node: Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    constant = all(v is None or v.is_constant for v in node.inputs)
+    constant = all(v is None or static_array(v) is not None for v in node.inputs)
     readers = y.uses
     if readers and not any(v is y for v in gen.graph.outputs) and all(
         (integer_layer(n) and (i in (1, 2) if constant else i == 0))
@@ -57,7 +71,7 @@ def _dequantize(gen: Codegen, node: Node) -> None:
     ):
         return  # the integer kernels read the int8 weight / uint8 tensor itself
     if constant:
-        arrays = [None if v is None else v.data for v in node.inputs]
+        arrays = [static_array(v) for v in node.inputs]
         (value,) = get_op(node.op).run(arrays, node.attrs)
         gen.exprs[id(y)] = gen.weight(value, y.name)
         return
@@ -96,12 +110,13 @@ def _int8_weight(value: Value):
         return None
     q, s = p.inputs[0], p.inputs[1]
     z = p.inputs[2] if len(p.inputs) > 2 else None
-    if not (q.is_constant and s.is_constant and q.dtype == "int8") or p.attrs["axis"] % 2:
+    data = static_array(q)
+    if data is None or not s.is_constant or q.dtype != "int8" or p.attrs["axis"] % 2:
         return None
     if z is not None and (not z.is_constant or np.any(z.data != 0)):
         return None
     scale = np.broadcast_to(s.data.astype(np.float32).reshape(-1), (q.shape[0],))
-    return q.data, scale
+    return data, scale
 
 
 def _const_bias(value: Value | None):

@@ -547,6 +547,8 @@ def mean_centroid_gradients(module: GraphModule) -> list[Any]:
     handles = []
     for node in module._graph.find("codebook_lookup"):
         codebook = getattr(module, attrs[id(node.inputs[0])])
+        if not codebook.requires_grad:  # an int8 codebook (quantized after sharing) is fixed
+            continue
         indices = getattr(module, attrs[id(node.inputs[1])])
         groups, k = codebook.shape
         index = unpack_indices(indices, node.attrs["bits"], math.prod(node.attrs["shape"]))

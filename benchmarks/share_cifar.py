@@ -1,7 +1,7 @@
 """Share the weights of the pretrained CIFAR-10 ResNet-56 at 8, 5, 4 and 3 bits: accuracy on
 test_dev_2k without and with a short centroid fine-tune, ONNX and numba artifact bytes (on disk and
 zipped) against fp32, numba decode-at-load vs decode-per-call; then the Deep-Compression-style
-pipeline prune + share with its total compression ratio.
+pipeline prune + share (+ int8 with ``--pipeline-quantize``) with its total compression ratio.
 
     python benchmarks/share_cifar.py                          # the full table (tens of minutes)
     python benchmarks/share_cifar.py --bits 4 --epochs 0.1 --no-pipeline
@@ -34,6 +34,7 @@ from compiler import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from compiler.pass_manager import PassManager  # noqa: E402
 from passes.pruning import PruneChannels  # noqa: E402
+from passes.quantization import Quantize  # noqa: E402
 from passes.weight_sharing import ShareWeights  # noqa: E402
 
 BATCH = 50  # traced batch of the ONNX and numba artifacts (the torch module takes any)
@@ -124,6 +125,10 @@ def main() -> int:
                     help="fraction of the params prune-channels keeps in the pipeline")
     ap.add_argument("--prune-epochs", type=float, default=0.5)
     ap.add_argument("--pipeline-bits", default="4")
+    ap.add_argument("--pipeline-quantize", action="store_true",
+                    help="then quantize the pipeline's shared model to int8 (calibrated)")
+    ap.add_argument("--calibration", type=int, default=256,
+                    help="training images the int8 step calibrates on")
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "cifar10/train_20k.npz",
                                 "resnet_cifar10"):
@@ -157,9 +162,10 @@ def main() -> int:
         rows.append((f"share {bits} bits", acc0, acc1, ort_acc, size, zsize, nsize, nzsize))
         print(rows[-1], f"fine-tune {secs:.0f} s", flush=True)
     if not args.no_pipeline:
-        for bits in [int(b) for b in args.pipeline_bits.split(",") if b]:
-            rows.append(pipeline(unfused, bits, args, data))
-            print(rows[-1], flush=True)
+        bits = [int(b) for b in args.pipeline_bits.split(",") if b]
+        for row in pipeline(unfused, bits, args, data):
+            rows.append(row)
+            print(row, flush=True)
     batch1 = compile(model, torch.zeros(1, 3, 32, 32), passes=["fuse"], check=False).graph
     modes = numba_modes(batch1, args.repeats)
     print_table(base_acc, rows, fp32_onnx, fp32_onnx_zip, fp32_numba, fp32_numba_zip, args)
@@ -170,9 +176,10 @@ def main() -> int:
     return 0
 
 
-def pipeline(unfused, bits: int, args, data) -> tuple:
+def pipeline(unfused, bit_widths: list[int], args, data) -> list[tuple]:
     """prune-channels (block-internal, l1, params target) on the unfused graph, fine-tune with live
-    batch norms, fuse, share, fine-tune the centroids."""
+    batch norms, fuse; then for each bit width share and fine-tune the centroids (the pruned,
+    fine-tuned model is made once: its fine-tune is the long part)."""
     x_dev, y_dev, x_train, y_train = data
     pruner = PruneChannels(target=args.prune_target, target_metric="params", scope="global",
                            criterion="l1", round_to=4, shortcut=False)
@@ -183,14 +190,26 @@ def pipeline(unfused, bits: int, args, data) -> tuple:
         cifar.finetune(module, x_train, y_train, epochs=args.prune_epochs, lr=0.01)
     acc_pruned = cifar.evaluate(module, x_dev, y_dev)
     fused = compile(to_graph(module), passes=["fuse"], check=False).graph
-    shared, acc0, acc1, _ = share_and_tune(fused, bits, args.epochs, args.lr, data, args.groups)
-    size, zsize, onnx_model = onnx_sizes(shared)
-    nsize, nzsize, _ = numba_sizes(shared)
-    ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
     print(f"pipeline: pruned to {args.prune_target} of the params, {acc_pruned:.2f} % after "
           f"{args.prune_epochs} epochs", flush=True)
-    return (f"prune {args.prune_target}+share {bits}", acc0, acc1, ort_acc, size, zsize, nsize,
-            nzsize)
+    rows = []
+    for bits in bit_widths:
+        shared, acc0, acc1, _ = share_and_tune(fused, bits, args.epochs, args.lr, data,
+                                               args.groups)
+        size, zsize, onnx_model = onnx_sizes(shared)
+        nsize, nzsize, _ = numba_sizes(shared)
+        ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
+        rows.append((f"prune {args.prune_target}+share {bits}", acc0, acc1, ort_acc, size, zsize,
+                     nsize, nzsize))
+        if args.pipeline_quantize:  # Deep Compression's third step: int8 centroids, activations
+            calib = x_train[: args.calibration]
+            quant = compile(shared, passes=[Quantize(calibration_data=calib)], check=False).graph
+            size, zsize, onnx_model = onnx_sizes(quant)
+            nsize, nzsize, _ = numba_sizes(quant)
+            q_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
+            rows.append((f"prune {args.prune_target}+share {bits}+int8", acc1, float("nan"),
+                         q_acc, size, zsize, nsize, nzsize))
+    return rows
 
 
 def print_table(base_acc, rows, fp32_onnx, fp32_zip, fp32_numba, fp32_numba_zip, args) -> None:

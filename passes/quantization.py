@@ -148,8 +148,8 @@ class Quantize(Pass):
             if any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 return None, f"skip pattern {pattern!r}"
         w = node.inputs[1]
-        if not w.is_constant or np.dtype(w.dtype).kind != "f":
-            return None, "its weight is not a float constant"
+        if (not w.is_constant or np.dtype(w.dtype).kind != "f") and shared_weight(w) is None:
+            return None, "its weight is neither a float constant nor a shared (codebook) weight"
         if node.op == "linear" and len(node.inputs[0].shape) < 2:
             return None, "a 1-D linear input"
         for pattern, bits in (self.layer_bits or {}).items():
@@ -296,20 +296,72 @@ def _input_scale(node: Node) -> float | None:
     return float(s.data) if s.is_constant and s.numel == 1 else None
 
 
+def shared_weight(value: Value) -> Node | None:
+    """The ``codebook_lookup`` of a float codebook and indices (constants) producing ``value``."""
+    p = value.producer
+    if p is None or p.op != "codebook_lookup":
+        return None
+    codebook, indices = p.inputs
+    if not (codebook.is_constant and indices.is_constant) or np.dtype(codebook.dtype).kind != "f":
+        return None
+    return p
+
+
+def _quantize_codebook(graph: Graph, lookup: Node, bits: int, clip: str, meta: dict):
+    """Quantize a shared weight without decoding it: each codebook group gets a symmetric scale
+    (chosen on the decoded weights, so each centroid counts as often as it is used) and int8
+    centroids; the indices are kept. Returns ``(int8 weight value, per-output-channel scale,
+    dequantized weight as float64, the float weight)``."""
+    from compiler.op_table import get_op
+
+    codebook, indices = lookup.inputs
+    shape = tuple(lookup.attrs["shape"])
+    (dense,) = get_op("codebook_lookup").run([codebook.data, indices.data], lookup.attrs)
+    groups, o = codebook.shape[0], shape[0]
+    rows = groups if o % groups == 0 else 1  # whole output channels per group, else one scale
+    _, group_scale = quantize_weight(dense.reshape(rows, -1), bits, 0, clip)
+    qmax = 2 ** (bits - 1) - 1
+    cb_scale = np.repeat(group_scale, groups // rows)[:, None]
+    q_codebook = np.clip(np.rint(codebook.data / cb_scale), -qmax, qmax).astype(np.int8)
+    channel_scale = np.repeat(group_scale, o // rows).astype(np.float32)
+    name = codebook.name.removesuffix(".codebook")
+    weight = graph.add_node(
+        "codebook_lookup", [graph.constant(q_codebook, f"{name}.codebook.q"), indices],
+        dict(lookup.attrs), name=f"{name}.lookup.q", after=lookup, meta=meta,
+    ).outputs[0]
+    (q_weight,) = get_op("codebook_lookup").run([q_codebook, indices.data], lookup.attrs)
+    deq = q_weight.astype(np.float64).reshape(o, -1) * channel_scale.astype(np.float64)[:, None]
+    return weight, channel_scale, deq.reshape(shape), dense
+
+
 def _quantize_layer(
     graph: Graph, node: Node, bits: int, group_size: int, input_mean: np.ndarray | None
 ) -> None:
     w = node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
-    groups = group_size if bits == 4 and _groupable(node, group_size) else 0
-    q, scale = quantize_weight(w.data, bits, groups, clip="mse" if bits < 8 else "max")
-    wq_float = _dequantized(q, scale, groups)
+    meta = {"source": node.source} if node.source else {}
+    lookup = None if w.is_constant else shared_weight(w)
+    clip = "mse" if bits < 8 else "max"
+    if lookup is not None:  # shared: int8 centroids, same indices, per-channel scales
+        groups = 0
+        q_value, scale, wq_float, dense = _quantize_codebook(graph, lookup, bits, clip, meta)
+    else:
+        groups = group_size if bits == 4 and _groupable(node, group_size) else 0
+        q, scale = quantize_weight(w.data, bits, groups, clip=clip)
+        wq_float = _dequantized(q, scale, groups)
+        dense = w.data
     bias = None if b is None else b.data.astype(np.float64)
     if input_mean is not None:
-        shift = _output_mean(node, input_mean, w.data.astype(np.float64) - wq_float)
+        shift = _output_mean(node, input_mean, dense.astype(np.float64) - wq_float)
         bias = shift if bias is None else bias + shift
-    meta = {"source": node.source} if node.source else {}
-    if groups:
+    if lookup is not None:
+        dq = graph.add_node(
+            "dequantize_linear",
+            [q_value, graph.constant(scale, f"{w.name}.scale"),
+             graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
+            {"axis": 0}, name=f"{w.name}.dq", before=node, meta=meta,
+        )
+    elif groups:
         flat = q.reshape(q.shape[0], -1)
         block = flat.shape[1] // scale.shape[1]
         dq = graph.add_node(
@@ -328,6 +380,8 @@ def _quantize_layer(
             {"axis": 0}, name=f"{w.name}.dq", before=node, meta=meta,
         )
     node.set_input(1, dq.outputs[0])
+    if lookup is not None and not lookup.outputs[0].uses:
+        graph.erase_node(lookup)  # the float codebook goes with it
     s_x = _input_scale(node)
     if bias is not None:
         if s_x is not None and not groups:  # int32 with scale s_x * s_w: what QLinearConv takes

@@ -572,3 +572,47 @@ def test_calibration_falls_back_to_batch_by_batch_when_a_reshape_cannot_follow(c
     data = np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)
     stats = run_calibration(g, [data], [node.outputs[0]], batch_size=4)
     assert stats[node.outputs[0].name].hi == pytest.approx(float(data.max()))
+
+
+# -- share, then quantize ------------------------------------------------------------------------
+
+
+def test_quantize_after_sharing_keeps_the_indices_and_runs_in_integer_kernels(tiny, calib):
+    from passes.weight_sharing import ShareWeights
+
+    shared = compile(tiny, passes=[ShareWeights(bits=3, groups=2, min_weights=0)],
+                     check=False).graph
+    lookups = shared.find("codebook_lookup")
+    assert len(lookups) == 4
+    q = quantized(shared, calib)
+    assert len(q.meta["quantization"]["layers"]) == 4 and not q.meta["quantization"]["float"]
+    new = q.find("codebook_lookup")
+    # the same packed indices, now behind int8 centroids (G, K); no dense int8 weight is stored
+    assert [n.inputs[1].data.tobytes() for n in new] == [
+        n.inputs[1].data.tobytes() for n in lookups]
+    assert {n.inputs[0].dtype for n in new} == {"int8"}
+    for old, n in zip(lookups, new, strict=True):
+        assert n.inputs[0].shape == old.inputs[0].shape
+        dq = n.outputs[0].users[0]
+        assert dq.op == "dequantize_linear" and dq.attrs["axis"] == 0
+        # one scale per codebook group: the channels of a group share it
+        scale = dq.inputs[1].data.reshape(2, -1)
+        assert np.all(scale == scale[:, :1])
+    dense_sizes = {n.outputs[0].numel for n in lookups}
+    assert not [v for v in q.constants() if v.dtype == "int8" and v.numel in dense_sizes]
+    x = calib[:1]
+    (want,) = run(shared, [x])
+    (sim,) = run(q, [x])
+    assert 0 < deviation([want], [sim]) < 0.05
+    model = compile_onnx(q)
+    (ort,) = model.run(x)
+    assert deviation([sim], [ort]) < 0.01
+    kernels = kernel_profile(model.model, [x], runs=2)
+    assert kernels.get("QLinearConv", 0) > 0 and "Conv" not in kernels
+    numba_model = compile_numba(q)
+    assert numba_model.source.count("KQ.conv2d_u8s8(") == 3
+    assert "K.codebook_decode" not in numba_model.source  # decoded once, at compile time
+    (nb,) = numba_model.run(x)
+    with torch.no_grad():
+        tq = compile_torch(q)(torch.from_numpy(x)).numpy()
+    assert deviation([sim], [nb]) < 1e-3 and deviation([sim], [tq]) < 1e-5

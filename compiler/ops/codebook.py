@@ -13,6 +13,10 @@ multiple of 8 with zeros: ``L = ceil(n / 8) * bits`` for ``n = prod(shape)`` wei
 ``e`` (row-major) belongs to group ``e // (n // G)``, which are whole output channels when ``G``
 divides the weight's first dimension.
 
+The codebook may also be int8 (G, K): ``quantize`` after ``share-weights`` quantizes the centroids
+and keeps the indices, so the lookup yields an int8 weight that a ``dequantize_linear`` (one scale
+per output channel) turns back into float, the QDQ form integer kernels take.
+
 The op is not foldable: folding it would store the dense weight again.
 """
 
@@ -71,8 +75,12 @@ def _lookup_infer(node: Node) -> TypeList:
     codebook, indices = node.inputs
     shape, bits = tuple(node.attrs["shape"]), node.attrs["bits"]
     _check_bits(bits)
-    if len(codebook.shape) != 2 or np.dtype(codebook.dtype).kind != "f":
-        raise ValueError(f"codebook must be a float (groups, K) array, got {codebook.type_str()}")
+    if len(codebook.shape) != 2 or not (
+        np.dtype(codebook.dtype).kind == "f" or codebook.dtype == "int8"
+    ):
+        raise ValueError(
+            f"codebook must be a float or int8 (groups, K) array, got {codebook.type_str()}"
+        )
     groups, k = codebook.shape
     if k > 1 << bits or k < 1:
         raise ValueError(f"codebook has {k} entries; {bits}-bit indices address 1..{1 << bits}")
