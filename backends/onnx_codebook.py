@@ -5,7 +5,6 @@ file holds the compressed form."""
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 import onnx
@@ -15,17 +14,14 @@ from backends.onnx_emitters import OnnxBuilder, Tensor
 from compiler.ir import Node
 from compiler.ops.codebook import packed_size
 
-_SHARED_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def shared_const(b: OnnxBuilder, array: np.ndarray, hint: str) -> gs.Constant:
     """One initializer per distinct small array for the whole model (the unpacking's shifts,
     masks and byte positions are the same in every layer of a bit width)."""
-    cache = _SHARED_CONSTANTS.setdefault(b, {})
-    key = (array.dtype.str, array.shape, array.tobytes())
-    if key not in cache:
-        cache[key] = gs.Constant(b.fresh(hint), np.ascontiguousarray(array))
-    return cache[key]
+    key = ("shared_const", array.dtype.str, array.shape, array.tobytes())
+    if key not in b.memo:
+        b.memo[key] = gs.Constant(b.fresh(hint), np.ascontiguousarray(array))
+    return b.memo[key]
 
 
 def unpack_indices(b: OnnxBuilder, packed: Tensor, bits: int) -> Tensor:

@@ -41,6 +41,7 @@ class OnnxBuilder:
         self.opset = opset
         self.prefix = ""  # name of the IR node being emitted; intermediate names start with it
         self.made: set[int] = set()  # ids of the tensors made for the current node
+        self.memo: dict[Any, Any] = {}  # constants emitters derive once per model (see users)
         self._taken = taken
 
     def fresh(self, hint: str) -> str:

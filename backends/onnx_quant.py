@@ -31,7 +31,10 @@ def _scalar(b: OnnxBuilder, t: Tensor | None, value) -> Tensor | None:
     ONNX Runtime's QDQ fusion of Add wants scalar scales and zero points)."""
     if t is None or value is None or value.shape != ():
         return t
-    return gs.Constant(b.fresh(t.name), np.asarray(t.values).reshape(()))
+    key = ("scalar", id(t))  # one per IR constant: a quantize and its dequantize share it
+    if key not in b.memo:
+        b.memo[key] = gs.Constant(b.fresh(t.name), np.asarray(t.values).reshape(()))
+    return b.memo[key]
 
 
 def emit_quantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) -> Tensor:
@@ -63,6 +66,9 @@ def _scalars(b: OnnxBuilder, node: Node, scale, zero_point):
 
 def emit_dequantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) -> Tensor:
     scale, zero_point = _scalars(b, node, scale, zero_point)
+    if (isinstance(zero_point, gs.Constant) and node.inputs[0].dtype in ("int8", "int32")
+            and not np.any(zero_point.values)):
+        zero_point = None  # symmetric int8 weights, int32 biases: 0 is the default, not stored
     block, axis = node.attrs["block_size"], _axis(node)
     if not block or b.opset >= 21:
         extra = {"block_size": block} if block else {}
