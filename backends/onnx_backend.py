@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from backends.onnx_emitters import ACTIVATIONS, EMITTERS, OnnxBuilder
+from backends.onnx_quant import INT4_OPSET, needs_int4, pack_int4
 from compiler.errors import BackendError, OptionError, SlimgraphError
 from compiler.interpreter import check_inputs
 from compiler.ir import Graph, Node, Value
@@ -40,7 +41,7 @@ PROTOBUF_LIMIT = 2**31 - 2**20  # a ModelProto must serialize below 2 GiB; keep 
 
 
 def emit_onnx(
-    graph: Graph, *, opset: int = DEFAULT_OPSET, name: str | None = None
+    graph: Graph, *, opset: int | None = None, name: str | None = None
 ) -> onnx.ModelProto:
     """Translate ``graph`` into a checked ONNX model.
 
@@ -50,12 +51,15 @@ def emit_onnx(
 
     Args:
         graph: the IR graph (static shapes).
-        opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET``.
+        opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET``; by default ``DEFAULT_OPSET``, or 21 when
+            the graph has 4-bit weights (stored as packed INT4, which opset 21 introduced).
         name: model graph name (default: the IR graph's name).
 
     Raises:
         BackendError: an op has no emitter, an emitter failed, or onnx.checker rejected the model.
     """
+    if opset is None:
+        opset = max(DEFAULT_OPSET, INT4_OPSET) if needs_int4(graph) else DEFAULT_OPSET
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise OptionError(
             f"ONNX opset {opset} is not supported",
@@ -72,6 +76,7 @@ def emit_onnx(
         _emit_node(builder, node, tensors)
     out.outputs = _graph_outputs(builder, graph, tensors)
     model = gs.export_onnx(out, do_type_check=True)
+    pack_int4(model, builder.memo.get("int4", set()))
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
     model.producer_name = "slimgraph"
     _check(model)
@@ -263,7 +268,7 @@ class OnnxModel:
 class OnnxOptions:
     """Options of :func:`compile_onnx`."""
 
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # DEFAULT_OPSET, or 21 for packed INT4 weights (emit_onnx)
     name: str | None = None
     threads: int | None = None
 

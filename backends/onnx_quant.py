@@ -69,7 +69,11 @@ def emit_dequantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None
     if (isinstance(zero_point, gs.Constant) and node.inputs[0].dtype in ("int8", "int32")
             and not np.any(zero_point.values)):
         zero_point = None  # symmetric int8 weights, int32 biases: 0 is the default, not stored
+    if node.attrs["bits"] == 4 and isinstance(zero_point, gs.Constant) and b.opset >= INT4_OPSET:
+        b.memo.setdefault("int4", set()).add(zero_point.name)  # the zero point has x's type
     block, axis = node.attrs["block_size"], _axis(node)
+    if node.attrs["bits"] == 4 and isinstance(x, gs.Constant) and b.opset >= INT4_OPSET:
+        b.memo.setdefault("int4", set()).add(x.name)  # packed two per byte by pack_int4()
     if not block or b.opset >= 21:
         extra = {"block_size": block} if block else {}
         return b.op("DequantizeLinear", x, scale, zero_point, dtype=scale.dtype, axis=axis,
@@ -82,6 +86,32 @@ def emit_dequantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None
         q = b.op("Sub", q, b.const(zero_point.values.astype(np.float32).reshape(params)))
     y = b.op("Mul", b.cast(q, scale.dtype), b.const(scale.values.reshape(params), "scale"))
     return b.reshape(y, shape)
+
+
+INT4_OPSET = 21  # INT4 / UINT4 tensors and DequantizeLinear of them arrived in opset 21
+
+
+def needs_int4(graph) -> bool:
+    """Whether ``graph`` has a 4-bit dequantize of a constant (worth opset 21: packed INT4)."""
+    return any(n.attrs["bits"] == 4 and n.inputs[0].is_constant
+               for n in graph.find("dequantize_linear"))
+
+
+def pack_int4(model: onnx.ModelProto, names: set[str]) -> None:
+    """Rewrite the int8/uint8 initializers ``names`` (values in the 4-bit range) as INT4/UINT4:
+    two values per byte, the first in the low nibble, as ONNX stores them."""
+    for tensor in model.graph.initializer:
+        if tensor.name not in names:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        signed = values.dtype == np.int8
+        nibbles = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        tensor.ClearField("int32_data")
+        tensor.data_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+        tensor.raw_data = packed.tobytes()
 
 
 QUANT_EMITTERS = {

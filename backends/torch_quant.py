@@ -28,7 +28,7 @@ def _quantize_linear(x, scale, zero_point=None, *, axis, block_size, bits):
 
 
 @emitter("dequantize_linear")
-def _dequantize_linear(x, scale, zero_point=None, *, axis, block_size):
+def _dequantize_linear(x, scale, zero_point=None, *, axis, block_size, bits):
     q = x.to(torch.int64)
     if zero_point is not None:
         q = q - _expand(zero_point, x, axis, block_size).to(torch.int64)

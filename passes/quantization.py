@@ -359,7 +359,7 @@ def _quantize_layer(
             "dequantize_linear",
             [q_value, graph.constant(scale, f"{w.name}.scale"),
              graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
-            {"axis": 0}, name=f"{w.name}.dq", before=node, meta=meta,
+            {"axis": 0, "bits": bits}, name=f"{w.name}.dq", before=node, meta=meta,
         )
     elif groups:
         flat = q.reshape(q.shape[0], -1)
@@ -368,7 +368,8 @@ def _quantize_layer(
             "dequantize_linear",
             [graph.constant(flat, f"{w.name}.q"), graph.constant(scale, f"{w.name}.scale"),
              graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
-            {"axis": 1, "block_size": block}, name=f"{w.name}.dq", before=node, meta=meta,
+            {"axis": 1, "block_size": block, "bits": bits}, name=f"{w.name}.dq", before=node,
+            meta=meta,
         )
         dq = graph.add_node("reshape", [dq.outputs[0]], {"shape": w.shape},
                             name=f"{w.name}.reshape", before=node, meta=meta)
@@ -377,7 +378,7 @@ def _quantize_layer(
             "dequantize_linear",
             [graph.constant(q, f"{w.name}.q"), graph.constant(scale, f"{w.name}.scale"),
              graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
-            {"axis": 0}, name=f"{w.name}.dq", before=node, meta=meta,
+            {"axis": 0, "bits": bits}, name=f"{w.name}.dq", before=node, meta=meta,
         )
     node.set_input(1, dq.outputs[0])
     if lookup is not None and not lookup.outputs[0].uses:

@@ -316,6 +316,43 @@ def test_int4_weights_per_group_run_everywhere(tiny, calib):
     assert deviation([sim], [ort]) < 0.02
 
 
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_int4_weights_are_stored_packed_two_per_byte(tiny, calib, group_size):
+    import onnx
+
+    q = quantized(tiny, calib, weight_bits=4, group_size=group_size)
+    weights = [n for n in q.find("dequantize_linear") if n.inputs[0].is_constant
+               and n.inputs[0].dtype == "int8"]
+    assert weights and all(n.attrs["bits"] == 4 for n in weights)
+    model = compile_onnx(q)  # opset 21 chosen for INT4
+    assert model.model.opset_import[0].version == 21
+    stored = {t.name: t for t in model.model.graph.initializer}
+    int4 = [t for t in stored.values() if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == len(weights)
+    for n in weights:
+        t = stored[n.inputs[0].name]
+        assert t.data_type == onnx.TensorProto.INT4 and len(t.raw_data) == -(-n.inputs[0].numel // 2)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t).astype(np.int8),
+                                      n.inputs[0].data)
+    x = calib[:1]
+    (sim,) = run(q, [x])
+    assert deviation([sim], model.run(x)) < 0.02
+    # below opset 21 there is no INT4: the same weights are written as int8, one per byte
+    old = compile_onnx(q, opset=20).model
+    assert not any(t.data_type == onnx.TensorProto.INT4 for t in old.graph.initializer)
+    assert old.ByteSize() > model.model.ByteSize()
+
+
+def test_a_4_bit_dequantize_refuses_8_bit_values():
+    g = Graph("g")
+    s = g.constant(np.array([0.1, 0.2], np.float32), "w.scale")
+    ok = g.constant(np.array([[-8, 7], [3, 0]], np.int8), "ok.q")
+    g.add_node("dequantize_linear", [ok, s], {"axis": 0, "bits": 4})
+    bad = g.constant(np.array([[-8, 7], [9, 0]], np.int8), "w.q")
+    with pytest.raises(ValueError, match=r"4-bit dequantize holds values outside \[-8, 7\]"):
+        g.add_node("dequantize_linear", [bad, s], {"axis": 0, "bits": 4})
+
+
 def test_bias_correction_removes_the_mean_output_shift(tiny, calib):
     def mean_shift(graph):
         outs = [run(graph, [calib[i : i + 1]])[0] for i in range(16)]

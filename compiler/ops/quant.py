@@ -1,14 +1,16 @@
 """Quantization ops: ``quantize_linear`` and ``dequantize_linear``, with ONNX's semantics.
 
     %q = quantize_linear(%x, $scale, $zero_point) {axis=1, block_size=0, bits=8}
-    %y = dequantize_linear(%q, $scale, $zero_point) {axis=1, block_size=0}
+    %y = dequantize_linear(%q, $scale, $zero_point) {axis=1, block_size=0, bits=8}
 
 ``q = saturate(round_half_even(x / scale) + zero_point)`` and ``y = (q - zero_point) * scale``.
 The scale and zero point are per tensor (scalars), per axis (1-D, one per index of ``axis``) or
 per block (same rank as ``x``, ``x.shape[axis] / block_size`` along ``axis``: each group of
 ``block_size`` consecutive indices shares one). The quantized dtype is the zero point's (uint8
 when it is absent, as in ONNX); ``bits=4`` saturates to the 4-bit range ([-8, 7] or [0, 15]) while
-storing int8/uint8, which is how int4 weights are held. int32 (biases) is dequantize-only.
+storing int8/uint8, which is how int4 weights are held in the IR; a dequantize with ``bits=4`` says
+its input holds 4-bit values (checked for constants), so the ONNX backend stores such a constant
+as packed INT4 (opset 21). int32 (biases) is dequantize-only.
 
 dequantize_linear is not foldable: fold-constants would turn an int8 weight back into float32.
 """
@@ -101,6 +103,11 @@ def _dequantize_infer(node: Node) -> TypeList:
     if x.dtype not in DEQUANT_DTYPES:
         raise ValueError(f"dequantize_linear takes {DEQUANT_DTYPES}, got {x.type_str()}")
     _check_params(node, (x.dtype,))
+    bits = node.attrs["bits"]
+    if bits != 8:
+        lo, hi = quant_range(x.dtype, bits)
+        if x.is_constant and x.numel and not (lo <= int(x.data.min()) and int(x.data.max()) <= hi):
+            raise ValueError(f"a {bits}-bit dequantize holds values outside [{lo}, {hi}]")
     return [(x.shape, scale.dtype)]
 
 
@@ -125,10 +132,10 @@ def quantize_linear(x, scale, zero_point=None, *, axis, block_size, bits):
     "dequantize_linear",
     infer=_dequantize_infer,
     arity=(2, 3),
-    attrs={"axis": 1, "block_size": 0},
+    attrs={"axis": 1, "block_size": 0, "bits": 8},
     foldable=False,
 )
-def dequantize_linear(x, scale, zero_point=None, *, axis, block_size):
+def dequantize_linear(x, scale, zero_point=None, *, axis, block_size, bits):
     """(x - zero_point) * scale, per tensor, axis or block"""
     q = x.astype(np.int64)
     if zero_point is not None:
