@@ -3,7 +3,7 @@
 per channel) on the same fused model and the same calibration images; accuracy on test_dev_2k
 (run in ONNX Runtime, integer kernels), file sizes, and batch-1 latency in ONNX Runtime (fp32 vs
 int8, medians of interleaved repeats, 1 thread) with the share of kernel time in integer kernels;
-numba fp32 vs numba int8 (integer kernels); and prune-then-quantize.
+numba fp32 vs numba int8 (integer kernels); prune-then-quantize and share-then-quantize.
 
     python benchmarks/quantize_cifar.py                         # both models (minutes)
     python benchmarks/quantize_cifar.py --depths 20 --calibrators percentile --repeats 50
@@ -118,6 +118,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--prune", type=float, default=0.8,
                     help="also prune to this MAC fraction, then quantize (0: skip)")
+    ap.add_argument("--share", type=int, default=5,
+                    help="also share weights at these bits (8 codebooks per layer, no "
+                    "fine-tune), then quantize (0: skip)")
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         print(f"quantize_cifar: skipped, no data under {cifar.data_dir()}")
@@ -164,6 +167,18 @@ def main() -> int:
             seconds = time.perf_counter() - start
             for label, g, sec in ((f"pruned {args.prune:g} MACs fp32", pruned, 0.0),
                                   (f"pruned {args.prune:g} MACs + int8", pq, seconds)):
+                emitted = compile_onnx(g).model
+                rows[label] = (emitted, ort_accuracy(emitted, x_dev, y_dev), sec)
+        if args.share:  # share then quantize: int8 centroids behind the packed indices
+            from passes.weight_sharing import ShareWeights
+
+            shared = compile(graph, passes=[ShareWeights(bits=args.share, groups=8)],
+                             check=False).graph
+            start = time.perf_counter()
+            sq = compile(shared, passes=[Quantize()], calibration_data=calib, check=False).graph
+            seconds = time.perf_counter() - start
+            for label, g, sec in ((f"shared {args.share} bits fp32", shared, 0.0),
+                                  (f"shared {args.share} bits + int8", sq, seconds)):
                 emitted = compile_onnx(g).model
                 rows[label] = (emitted, ort_accuracy(emitted, x_dev, y_dev), sec)
         start = time.perf_counter()
