@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from compiler.ir import Graph
@@ -17,14 +18,25 @@ class GraphStats:
 
 
 def graph_stats(graph: Graph) -> GraphStats:
-    """Parameters and bytes of every constant the graph reads, and the sum of per-node MACs."""
+    """Parameters and bytes of every constant the graph reads, and the sum of per-node MACs.
+
+    A shared weight's packed indices count as the weights they index (one parameter per weight
+    element, however many bits it takes), so ``params`` stays comparable across passes while
+    ``weight_bytes`` shows the compression."""
     consts = graph.constants()
     return GraphStats(
-        params=sum(c.numel for c in consts),
+        params=sum(_param_count(c) for c in consts),
         macs=sum(int(get_op(n.op).macs(n)) for n in graph.nodes),
         weight_bytes=sum(c.nbytes for c in consts),
         nodes=len(graph.nodes),
     )
+
+
+def _param_count(value) -> int:
+    lookups = [n for n, i in value.uses if n.op == "codebook_lookup" and i == 1]
+    if lookups and len(lookups) == len(value.uses):
+        return math.prod(lookups[0].attrs["shape"])
+    return value.numel
 
 
 @dataclass

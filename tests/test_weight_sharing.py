@@ -377,3 +377,16 @@ def test_the_docs_example_runs():
     assert scope["compiled"].graph.meta["weight_sharing"]["shared"] == 26
     assert scope["y"].shape == (1, 1000)
     assert any(n.endswith("_codebook") for n, _ in scope["module"].named_parameters())
+
+
+def test_report_counts_a_shared_weight_as_its_weights_and_its_bytes_as_packed():
+    from compiler.report import graph_stats
+
+    dense = conv_net(out1=16)
+    shared = share(dense, bits=3)
+    before, after = graph_stats(dense), graph_stats(shared)
+    lookups = shared.find("codebook_lookup")
+    codebook_entries = sum(n.inputs[0].numel for n in lookups)
+    # same weight count (plus the centroids), not the packed index byte count
+    assert after.params == before.params + codebook_entries
+    assert after.weight_bytes < before.weight_bytes / 4
