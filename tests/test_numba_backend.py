@@ -20,6 +20,7 @@ from compiler.ir import Graph
 from compiler.op_table import OPS, get_op
 from compiler.ops.codebook import pack_indices
 from compiler.ops.nn import conv_out_size
+from tests.numerics import relative_error
 from tests.quant_cases import QDQ_CASES
 
 get_op("relu")  # loads the built-in ops into OPS
@@ -31,19 +32,6 @@ rng = np.random.default_rng(0)
 
 def randn(*shape, dtype="float32"):
     return rng.standard_normal(shape).astype(dtype)
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max|got - want| / max|want| over finite values; equal infinities and NaNs count as equal.
-
-    The scale has a floor of 1e-2: the cases draw standard-normal inputs and weights, so float32
-    rounding is ~1e-7 in absolute terms even where a relu leaves a single output of 3e-4 (a conv
-    case hypothesis found: 1.8e-7 apart, which is 6e-4 of that output's own scale)."""
-    same = (got == want) | (np.isnan(got) & np.isnan(want))
-    with np.errstate(invalid="ignore"):
-        diff = np.where(same, 0.0, np.abs(got.astype(np.float64) - want))
-    scale = np.max(np.abs(want[np.isfinite(want)]), initial=0.0)
-    return float(np.max(diff, initial=0.0)) / max(float(scale), 1e-2)
 
 
 def assert_matches(graph: Graph, *inputs: np.ndarray):

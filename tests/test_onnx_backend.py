@@ -25,6 +25,7 @@ from compiler.ir import Graph
 from compiler.op_table import OPS, get_op
 from compiler.ops.codebook import pack_indices
 from compiler.ops.nn import conv_out_size
+from tests.numerics import relative_error
 from tests.quant_cases import QDQ_CASES
 
 get_op("relu")  # loads the built-in ops into OPS
@@ -49,15 +50,6 @@ def assert_matches(graph: Graph, *inputs: np.ndarray, **options) -> OnnxModel:
         else:
             assert relative_error(a, b) <= RTOL, value.name
     return model
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max|got - want| / max|want| over finite values; equal infinities and NaNs count as equal."""
-    same = (got == want) | (np.isnan(got) & np.isnan(want))
-    with np.errstate(invalid="ignore"):  # inf - inf where both are inf
-        diff = np.where(same, 0.0, np.abs(got.astype(np.float64) - want))
-    scale = np.max(np.abs(want[np.isfinite(want)]), initial=0.0)
-    return float(np.max(diff, initial=0.0)) / max(float(scale), 1e-12)
 
 
 def single(op, shapes, attrs=None, consts=(), dtype="float32"):
