@@ -6,7 +6,8 @@
 
 Each model runs in its own worker process (memory is returned after each model). Models use random
 weights and the smallest input size the architecture accepts (compiler/zoo.py). Results also go to
-`--json` (default build/zoo.json).
+`--json` (default build/zoo.json), rewritten after every model; `--resume` runs only the models
+missing from it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,16 @@ def main() -> int:
     ap.add_argument("--passes", default="fuse")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default="build/zoo.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results already in --json and run only the models missing")
     args = ap.parse_args()
     names = [m for m in args.models.split(",") if m] or zoo_names()
+    results = []
+    if args.resume and os.path.exists(args.json):
+        with open(args.json) as f:
+            results = [r for r in json.load(f) if r["model"] in names]
+        done = {r["model"] for r in results}
+        names = [n for n in names if n not in done]
     light = [n for n in names if n not in HEAVY]
     heavy = [n for n in names if n in HEAVY]
     order = []
@@ -60,13 +69,13 @@ def main() -> int:
     passes = tuple(p for p in args.passes.split(",") if p)
     from tqdm import tqdm
 
-    results = []
     start = time.perf_counter()
     run_one = functools.partial(check_model, checks=checks, passes=passes)
     jobs = map_isolated(run_one, order, workers=args.workers)
     for name, status, value in tqdm(jobs, total=len(order), desc="zoo", file=sys.stderr):
         r = value if status == "ok" else {"model": name, "error": value, "deviation": {}}
         results.append(r)
+        save(results, args.json)  # after every model: a long run that stops can --resume
         if "error" in r:
             tqdm.write(f"{r['model']}: {r['error'][:300]}", file=sys.stderr)
     results.sort(key=lambda r: r["model"])
@@ -81,10 +90,17 @@ def main() -> int:
         if key == "shared" and ok:
             print("    " + sharing_summary([r["sharing"] for r in ok]))
     print(f"zoo: {total} models in {time.perf_counter() - start:.0f} s")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    save(results, args.json)
     return 0
+
+
+def save(results: list[dict], path: str) -> None:
+    """Write the results atomically (a reader or a --resume never sees half a file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
