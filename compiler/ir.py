@@ -14,6 +14,7 @@ share arrays safely.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -286,7 +287,7 @@ class Graph:
         new.meta = dict(self.meta)
         new._names = set(self._names)
         new._node_names = set(self._node_names)
-        new._counter = itertools.count(next(self._counter))
+        new._counter = copy.copy(self._counter)  # same next name, without advancing ours
         vmap: dict[int, Value] = {}
 
         def copy_value(v: Value, producer: Node | None = None) -> Value:

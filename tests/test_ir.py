@@ -78,6 +78,17 @@ def test_clone_is_independent_and_shares_arrays():
     c.verify()
 
 
+def test_clone_leaves_the_source_naming_alone():
+    # fresh names in a graph must not depend on how many clones were taken of it before
+    g, h = small_graph(), small_graph()
+    for _ in range(3):
+        g.clone()
+    c = g.clone()
+    names = [g.add_node("relu", [g.outputs[0]]).name for _ in range(2)]
+    assert names == [h.add_node("relu", [h.outputs[0]]).name for _ in range(2)]
+    assert [c.add_node("relu", [c.outputs[0]]).name for _ in range(2)] == names
+
+
 def test_networkx_view():
     nxg = small_graph().to_networkx()
     assert list(nxg.successors("conv")) == ["act"]
