@@ -102,6 +102,7 @@ class PruneChannels(Pass):
     # -- the pass ---------------------------------------------------------------------------------
     def run(self, graph: Graph) -> bool:
         self._check_data()
+        _note_compressed_layers(graph)
         analysis = ChannelGroups(graph)
         groups = self._eligible(graph, analysis)
         scores = self._scores(graph, analysis, groups)
@@ -223,3 +224,23 @@ def _spans_residual(graph: Graph, analysis: ChannelGroups, group: Group) -> bool
         if residual and id(node.outputs[0]) in keys:
             return True
     return False
+
+
+def _note_compressed_layers(graph: Graph) -> None:
+    """Say in the report which layers cannot be pruned because their weights are already shared
+    or quantized (computed by a codebook_lookup / dequantize_linear, not constants): the channel
+    analysis only removes channels of constant weights, so pruning after those passes would
+    otherwise be a silent no-op for them."""
+    kinds = {"codebook_lookup": "shared", "dequantize_linear": "quantized"}
+    found = [
+        (n.source or n.name, kinds[w.producer.op])
+        for n in graph.nodes
+        if n.op in ("conv2d", "linear") and len(n.inputs) > 1
+        for w in [n.inputs[1]]
+        if w.producer is not None and w.producer.op in kinds
+    ]
+    if found:
+        what = sorted({k for _, k in found})
+        note = (f"prune-channels: {len(found)} layer(s) with {'/'.join(what)} weights are not "
+                f"pruned (e.g. {found[0][0]}); run prune-channels before share-weights/quantize")
+        graph.meta["notes"] = [*graph.meta.get("notes", ()), note]

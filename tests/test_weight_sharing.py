@@ -390,3 +390,14 @@ def test_report_counts_a_shared_weight_as_its_weights_and_its_bytes_as_packed():
     # same weight count (plus the centroids), not the packed index byte count
     assert after.params == before.params + codebook_entries
     assert after.weight_bytes < before.weight_bytes / 4
+
+
+def test_pruning_after_sharing_says_why_the_shared_layers_stay():
+    from compiler.api import compile
+    from passes.pruning import PruneChannels
+
+    shared = share(conv_net(out1=16), bits=4)
+    result = compile(shared, passes=[PruneChannels(ratio=0.5)], check=False)
+    assert len(result.graph.find("codebook_lookup")) == 2
+    assert any("prune-channels: 2 layer(s) with shared weights are not pruned" in n
+               and "before share-weights" in n for n in result.report.notes)
