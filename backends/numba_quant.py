@@ -1,10 +1,11 @@
 """Numba emitters of the quantization ops, and the integer conv2d/linear patterns.
 
-``conv2d(dq(x_u8), dq($w_int8), b) {relu|clip}`` (groups 1) and the same linear run in the integer
-kernels of :mod:`backends.numba_kernels_int8` (uint8 x int8, int32 accumulation, VNNI), with a
-following per-tensor uint8 quantize fused as requantization. Everything else runs in float: a
-dequantize of constants is evaluated once at compile time, activation quantize/dequantize lines
-call numpy with the reference's float32 arithmetic (bit-exact with it).
+``conv2d(dq(x_u8), dq($w_int8), b) {relu|clip}`` and the same linear run in the integer kernels of
+:mod:`backends.numba_kernels_int8` (uint8 x int8, int32 accumulation; VNNI for groups 1 and
+linear, a direct kernel for depthwise and grouped convs), with a following per-tensor uint8
+quantize fused as requantization. Everything else runs in float: a dequantize of constants is
+evaluated once at compile time, activation quantize/dequantize lines call numpy with the
+reference's float32 arithmetic (bit-exact with it).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def _dequantize(gen: Codegen, node: Node) -> None:
 
 
 # -- integer conv2d / linear -------------------------------------------------------------------
-# ``conv2d(dq(x_u8), dq($w_i8), b)`` runs in KQ.conv2d_u8s8 on the uint8 tensor itself; the input
-# dequantize is then not emitted, and a following per-tensor uint8 quantize is fused into the
-# kernel's epilogue (requantization). Anything else takes the float path.
+# ``conv2d(dq(x_u8), dq($w_i8), b)`` runs in KQ.conv2d_u8s8 (KQ.conv2d_grouped_u8s8 when grouped)
+# on the uint8 tensor itself; the input dequantize is then not emitted, and a following per-tensor
+# uint8 quantize is fused into the kernel's epilogue (requantization). Anything else takes the
+# float path.
 
 ACT = {None: "KQ.NONE", "relu": "KQ.RELU", "clip": "KQ.CLIP"}
 # ``relu(add(dq(a_u8), dq(b_u8)))`` followed by a uint8 quantize is one KQ.add_u8 (QLinearAdd).
@@ -134,8 +136,6 @@ def _const_bias(value: Value | None):
 
 def integer_layer(node: Node) -> bool:
     """Whether the int8 kernels take this conv2d/linear."""
-    if node.op == "conv2d" and node.attrs["groups"] != 1:
-        return False
     if node.op == "linear" and len(node.inputs[0].shape) != 2:
         return False
     if node.op not in ("conv2d", "linear") or node.attrs["activation"] not in ACT:
@@ -186,17 +186,22 @@ def _f32(value: float) -> str:
 
 
 def _emit_integer(gen: Codegen, node: Node) -> None:
-    from backends.numba_kernels_int8 import pack_weight
+    from backends.numba_kernels_int8 import pack_grouped_weight, pack_weight
 
     xq, sx, zx = _uint8_input(node.inputs[0])
     wq, sw = _int8_weight(node.inputs[1])
     bias = _const_bias(node.inputs[2] if len(node.inputs) > 2 else None)
     r = node.inputs[3] if len(node.inputs) > 3 else None
     y = node.outputs[0]
-    packed, wsum, k4, o16 = pack_weight(wq)
-    o = wq.shape[0]
     name = node.name
-    consts = [gen.weight(packed, f"{name}.packed"), gen.weight(wsum, f"{name}.wsum"), k4, o16, o]
+    groups = node.attrs["groups"] if node.op == "conv2d" else 1
+    if groups == 1:
+        packed, wsum, k4, o16 = pack_weight(wq)
+        consts = [gen.weight(packed, f"{name}.packed"), gen.weight(wsum, f"{name}.wsum"), k4,
+                  o16, wq.shape[0]]
+    else:
+        taps, wsum = pack_grouped_weight(wq)
+        consts = [gen.weight(taps, f"{name}.taps"), gen.weight(wsum, f"{name}.wsum"), groups]
     scale = gen.weight((np.float32(sx) * sw).astype(np.float32), f"{name}.scale")
     act = node.attrs["activation"]
     attrs = node.attrs["activation_attrs"] or {}
@@ -213,12 +218,13 @@ def _emit_integer(gen: Codegen, node: Node) -> None:
         outs = [gen.out(y), gen.none(rank, "uint8")]
     res = gen.none(rank, "float32") if r is None else gen.arg(r)
     tail = [scale, gen.weight(bias, f"{name}.bias"), res, ACT[act], lo, hi, _f32(sy),
-            _f32(zy), q is not None, *outs]
+            _f32(zy), q is not None, *outs, "nt"]
     if node.op == "conv2d":
         a = node.attrs
         kh, kw = wq.shape[2:]
         geometry = [kh, kw, *a["stride"], *a["padding"], *a["dilation"]]
-        gen.call("KQ.conv2d_u8s8", gen.arg(xq), zx, *consts, *geometry, *tail)
+        kernel = "KQ.conv2d_u8s8" if groups == 1 else "KQ.conv2d_grouped_u8s8"
+        gen.call(kernel, gen.arg(xq), zx, *consts, *geometry, *tail)
     else:
         gen.call("KQ.linear_u8s8", gen.arg(xq), zx, *consts, *tail)
 
