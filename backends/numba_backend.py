@@ -276,6 +276,7 @@ KERNEL_FILES = {
     "numba_kernels.py": "kernels.py",
     "numba_kernels_conv.py": "kernels_conv.py",
     "numba_kernels_int8.py": "kernels_int8.py",
+    "numba_kernels_f32.py": "kernels_f32.py",
     "numba_runtime.py": "runtime.py",
 }
 
@@ -382,10 +383,9 @@ class NumbaModel:
         here = Path(__file__).parent
         (folder / "model.py").write_text(self.source)
         for src, dst in KERNEL_FILES.items():
-            text = (
-                (here / src)
-                .read_text()
-                .replace("from .numba_kernels import", "from .kernels import")
+            # relative imports between kernel modules follow the renaming above
+            text = re.sub(
+                r"from \.numba_(kernels\w*) import", r"from .\1 import", (here / src).read_text()
             )
             (folder / dst).write_text(text)
         (folder / "__init__.py").write_text(PACKAGE_INIT)

@@ -1,5 +1,7 @@
-"""Numba kernels for the heavy ops: conv2d (tiled im2col + BLAS, depthwise row-wise), linear,
-batched matmul, attention and pooling. Saved packages get a copy as ``kernels_conv.py``.
+"""Numba kernels for the heavy ops: conv2d (tiled im2col + BLAS, depthwise row-wise; float32 with
+constant weights runs on the implicit GEMM of numba_kernels_f32, re-exported here as
+``conv2d_packed``), linear, batched matmul, attention and pooling. Saved packages get a copy as
+``kernels_conv.py``.
 
 Every GEMM is ``np.dot`` (single-threaded BLAS) on a tile, called from a ``prange`` over tiles, so
 packing, the GEMM and the fused epilogue ``act(y + bias + residual)`` of one tile run on one thread
@@ -14,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from .numba_kernels import finish_row, softmax_rows
+from .numba_kernels_f32 import conv2d_packed  # noqa: F401  (called by the generated code as KC.)
 
 # Target size (elements) of one im2col tile: a few hundred KiB, so the tile and its GEMM output
 # stay in the L2 cache while the epilogue reads them.

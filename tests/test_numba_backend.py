@@ -407,7 +407,7 @@ def test_source_has_one_kernel_line_per_node():
     g = chain_graph(2)
     body = compile_numba(g).source.split("def forward")[1].split("def load")[0]
     calls = [line for line in body.splitlines() if "= conv2d(" in line or "= add(" in line]
-    assert len(calls) == 3 and all("KC.conv2d(" in c or "K.binary(" in c for c in calls)
+    assert len(calls) == 3 and all("KC.conv2d_packed(" in c or "K.binary(" in c for c in calls)
 
 
 # -- saved packages --------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
     path = model.save(tmp_path / "pkg")
     assert sorted(os.listdir(path)) == sorted(
         ["__init__.py", "model.py", "kernels.py", "kernels_conv.py", "kernels_int8.py",
-         "runtime.py", "weights.npz"]
+         "kernels_f32.py", "runtime.py", "weights.npz"]
     )
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left behind
     np.save(tmp_path / "x.npy", x)
@@ -462,7 +462,7 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
     errors = [line for line in done.stdout.splitlines() if line.startswith("InputError")]
     assert "expects shape (1, 8, 12, 12), got (1, 8, 12, 13)" in errors[0] and "Fix:" in errors[0]
     assert "expects dtype float32, got complex64" in errors[1] and ".astype" in errors[1]
-    assert list((path / "__pycache__").glob("kernels_conv*.nbi"))  # numba's cache index
+    assert list((path / "__pycache__").glob("kernels_f32*.nbi"))  # numba's cache index
     np.testing.assert_array_equal(load_numba(path).run(x)[0], want)
 
 

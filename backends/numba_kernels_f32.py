@@ -1,0 +1,360 @@
+"""The float32 conv2d of the numba backend as an implicit GEMM: an explicit AVX-512 micro-kernel
+reads the zero-padded input planes directly (no im2col). Saved packages get a copy as
+``kernels_f32.py``.
+
+:func:`_conv_tile` builds the LLVM IR of the inner loop, like the int8 ``_dot_rows``: accumulators
+for ``rows`` output pixels x 16 output channels, one ``<16 x float>`` per pixel (that many
+independent FMA chains). Each reduction step k loads one 64-byte vector of packed weights (16
+output channels of input index k) and broadcasts pixel r's input ``xp[base_r + offs[k]]``, where
+``offs[k] = (c * Hp + ki * dh) * Wp + kj * dw`` and ``base_r`` is the padded-plane offset of output
+pixel r. The epilogue runs in registers: bias, a transpose into 16 channel rows of ``rows`` pixels,
+residual, relu/clip, and stores straight into the NCHW output. Weights are packed once at compile
+time (:func:`pack_weight`) as ``(groups * O16 / 16, K, 16)``, O padded to 16 per group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .numba_kernels import CLIP, NONE, RELU, act_inplace
+
+# Output pixels per micro-kernel call (independent FMA chains; 4 cycles of FMA latency need >= 4).
+# 8 was as fast as 4 or 6 on 3x3 layers and 1.1-1.3x faster on 1x1 ones, where the epilogue weighs
+# more; 7 for planes whose pixels it divides better (7x7: 2.31 ms against 2.67 for 8 on 512->512).
+MAX_ROWS = 8
+LANES = 16  # output channels per micro-kernel call: one zmm of float32
+# MACs a layer needs per thread before it is split among threads: ~80 us of work, more than
+# entering a parallel region costs (the int8 kernels measured ~50 us on the shared 2 cores).
+PAR_MACS = 1 << 22
+
+
+def _transpose_masks(rows: int) -> tuple[list, list]:
+    """Shuffle stages that turn ``p`` vectors (``rows`` rounded up to a power of two) holding
+    ``acc[r][j]`` (pixel r, channel j) into vectors holding whole channels, ``p`` pixels each:
+    each stage swaps one bit of the vector index with one bit of the lane index, one 2-source
+    shuffle (one ``vpermt2ps``) per output vector. Returns the stages, each a list of
+    (lo, hi, mask) per output vector, and the label (r, j) of every lane at the end; the last stage
+    also sorts every vector's lanes by (channel, pixel)."""
+    p = 1
+    while p < rows:
+        p *= 2
+    bits = p.bit_length() - 1
+    labels = [[(r, j) for j in range(LANES)] for r in range(p)]
+    stages = []
+    for s in range(bits):
+        vb, lb = 1 << s, 1 << (4 - bits + s)
+        new_labels, stage = [None] * p, [None] * p
+        for v in range(p):
+            lo, hi = v & ~vb, v | vb
+            mask = []
+            for lane in range(LANES):
+                # element (v, lane) after the swap comes from vector (bit vb = lane bit lb) at lane
+                # with bit lb = v's bit vb
+                src = hi if lane & lb else lo
+                src_lane = (lane | lb) if v & vb else (lane & ~lb)
+                mask.append((LANES if src == hi else 0) + src_lane)
+            stage[v] = (lo, hi, mask)
+            new_labels[v] = [labels[hi if m >= LANES else lo][m % LANES] for m in mask]
+        labels = new_labels
+        stages.append(stage)
+    for v in range(p):  # the last stage also sorts each vector's lanes by (channel, pixel)
+        order = sorted(range(LANES), key=lambda lane: (labels[v][lane][1], labels[v][lane][0]))
+        lo, hi, mask = stages[-1][v]
+        stages[-1][v] = (lo, hi, [mask[i] for i in order])
+        labels[v] = [labels[v][i] for i in order]
+    return stages, labels
+
+
+def _conv_tile(rows: int):
+    """The micro-kernel of ``rows`` output pixels x 16 output channels (see the module docstring):
+
+    ``out[oi + j * ldo + r] = clamp(sum_k w[wi + 16 k + j] * xp[xi + bases[bi + r] + offs[k]]
+    + bias[ci + j] (+ res[ri + j * ldr + r] if has_res), lo, hi)`` for r < rows, j < nc.
+    """
+
+    stages, labels = _transpose_masks(rows)
+    p = len(stages[0])
+    per_vec = LANES // p  # channels per vector after the transpose
+
+    @intrinsic
+    def tile(typingctx, out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, n, w, wi,
+             bias, ci, lo, hi, nc):
+        i, f = types.intp, types.float32
+        sig = types.void(out, i, i, res, i, i, i, xp, i, bases, i, offs, i, w, i, bias, i, f, f, i)
+
+        def codegen(context, builder, signature, args):
+            (out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, n, w, wi, bias, ci, lo,
+             hi, nc) = args
+            aty = signature.args
+
+            def data(k, value):
+                return context.make_array(aty[k])(context, builder, value).data
+
+            outp, resp, xpp, basep, offp, wp, biasp = (
+                data(k, v) for k, v in ((0, out), (3, res), (7, xp), (9, bases), (11, offs),
+                                        (13, w), (15, bias)))
+            f32 = ir.FloatType()
+            v16 = ir.VectorType(f32, LANES)
+            vr = ir.VectorType(f32, rows)
+            idx = n.type
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+            xbase = builder.gep(xpp, [xi])
+            rowp = [builder.gep(xbase, [builder.load(builder.gep(basep, [
+                builder.add(bi, ir.Constant(idx, r))]))]) for r in range(rows)]
+            wbase = builder.gep(wp, [wi])
+            zero = ir.Constant(v16, [0.0] * LANES)
+            pre = builder.block
+            head = builder.append_basic_block("tile.head")
+            body = builder.append_basic_block("tile.body")
+            end = builder.append_basic_block("tile.end")
+            builder.branch(head)
+            builder.position_at_end(head)
+            k = builder.phi(idx)
+            accs = [builder.phi(v16) for _ in range(rows)]
+            k.add_incoming(ir.Constant(idx, 0), pre)
+            for acc in accs:
+                acc.add_incoming(zero, pre)
+            builder.cbranch(builder.icmp_signed("<", k, n), body, end)
+            builder.position_at_end(body)
+            off = builder.load(builder.gep(offp, [k]))
+            wv = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(
+                k, ir.Constant(idx, LANES))]), v16.as_pointer()), align=4)
+            new = []
+            undef = ir.Constant(v16, ir.Undefined)
+            for acc, row in zip(accs, rowp, strict=True):
+                xv = builder.insert_element(undef, builder.load(builder.gep(row, [off])),
+                                            ir.Constant(ir.IntType(32), 0))
+                xv = builder.shuffle_vector(xv, undef, ir.Constant(
+                    ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+                new.append(builder.call(fma, [wv, xv, acc]))
+            k.add_incoming(builder.add(k, ir.Constant(idx, 1)), builder.block)
+            for acc, value in zip(accs, new, strict=True):
+                acc.add_incoming(value, builder.block)
+            builder.branch(head)
+
+            builder.position_at_end(end)
+            bv = builder.load(builder.bitcast(builder.gep(biasp, [ci]), v16.as_pointer()), align=4)
+            vecs = [builder.fadd(acc, bv) for acc in accs] + [zero] * (p - rows)
+            i32 = ir.IntType(32)
+            for stage in stages:
+                vecs = [builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(
+                    ir.VectorType(i32, LANES), mask)) for a, b, mask in stage]
+            lov = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(vr, ir.Undefined), lo, ir.Constant(i32, 0)),
+                ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
+            hiv = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(vr, ir.Undefined), hi, ir.Constant(i32, 0)),
+                ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
+            outb = builder.gep(outp, [oi])
+            resb = builder.gep(resp, [ri])
+            use_res = builder.icmp_signed("!=", has_res, ir.Constant(idx, 0))
+            for j in range(LANES):
+                v, slot = j // per_vec, j % per_vec
+                first = slot * (LANES // per_vec)
+                assert labels[v][first] == (0, j)
+                row = builder.shuffle_vector(vecs[v], undef, ir.Constant(
+                    ir.VectorType(i32, rows), list(range(first, first + rows))))
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(idx, j), nc),
+                                     likely=True):
+                    before = builder.block
+                    with builder.if_then(use_res):
+                        rp = builder.gep(resb, [builder.mul(ldr, ir.Constant(idx, j))])
+                        summed = builder.fadd(row, builder.load(
+                            builder.bitcast(rp, vr.as_pointer()), align=4))
+                        added = builder.block
+                    merged = builder.phi(vr)
+                    merged.add_incoming(row, before)
+                    merged.add_incoming(summed, added)
+                    row = merged
+                    # clamp as compare + select, which keeps NaN like the reference and is one
+                    # vmaxps/vminps (llvm.maxnum adds a NaN fix-up: 3 instructions each)
+                    row = builder.select(builder.fcmp_ordered("<", row, lov), lov, row)
+                    row = builder.select(builder.fcmp_ordered(">", row, hiv), hiv, row)
+                    op = builder.gep(outb, [builder.mul(ldo, ir.Constant(idx, j))])
+                    builder.store(row, builder.bitcast(op, vr.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile8 = _conv_tile(8)
+_tile7 = _conv_tile(7)
+
+
+@njit(cache=True)
+def best_rows(npix):
+    """Pixels per tile for a plane of ``npix`` output pixels: 7 where it leaves fewer dropped lanes
+    in the last tile than 8 (the last tile always runs whole), else 8."""
+    return 7 if -(-npix // 7) * 7 < -(-npix // 8) * 8 else 8
+
+
+def pack_weight(w: np.ndarray, groups: int) -> np.ndarray:
+    """float32 OIHW ``w`` -> ``(groups * O16 / 16, K, 16)``: per group, 16 output channels x the
+    K = C/groups * kh * kw inputs, in the order (c, ki, kj); output channels padded with zeros to a
+    multiple of 16 (O16) per group."""
+    o = w.shape[0]
+    og, kk = o // groups, int(np.prod(w.shape[1:]))
+    o16 = -(-og // LANES) * LANES
+    padded = np.zeros((groups, o16, kk), np.float32)
+    padded[:, :og] = w.reshape(groups, og, kk)
+    packed = padded.reshape(groups * o16 // LANES, LANES, kk).transpose(0, 2, 1)
+    return np.ascontiguousarray(packed)
+
+
+@njit(cache=True)
+def _offsets(cg, kh, kw, dh, dw, hp, wp):
+    """offs[(c * kh + ki) * kw + kj] = offset of tap (c, ki, kj) in a group's padded planes."""
+    offs = np.empty(cg * kh * kw, np.intp)
+    for c in range(cg):
+        for ki in range(kh):
+            for kj in range(kw):
+                offs[(c * kh + ki) * kw + kj] = (c * hp + ki * dh) * wp + kj * dw
+    return offs
+
+
+@njit(cache=True)
+def _bases(oh, ow, sh, sw, wp):
+    """bases[p] = padded-plane offset of output pixel p = (oy, ox); MAX_ROWS zeros after the last,
+    for the lanes of a last, partial tile (they read a valid address, their result is dropped)."""
+    bases = np.zeros(oh * ow + MAX_ROWS, np.intp)
+    for oy in range(oh):
+        for ox in range(ow):
+            bases[oy * ow + ox] = oy * sh * wp + ox * sw
+    return bases
+
+
+@njit(cache=True)
+def _pad_planes(x, ph, pw):
+    """The planes of ``x`` zero-padded by (ph, pw), flat; ``x`` itself when there is no padding."""
+    n, c, h, w = x.shape
+    if ph == 0 and pw == 0:
+        return x.reshape(-1)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    xp = np.empty(n * c * hp * wp, x.dtype)
+    for t in range(n * c):
+        plane = xp[t * hp * wp : (t + 1) * hp * wp]
+        plane[: ph * wp] = 0.0
+        plane[(ph + h) * wp :] = 0.0
+        src = x[t // c, t % c]
+        for y in range(h):
+            row = plane[(ph + y) * wp : (ph + y + 1) * wp]
+            row[:pw] = 0.0
+            row[pw + w :] = 0.0
+            s = src[y]
+            for j in range(w):
+                row[pw + j] = s[j]
+    return xp
+
+
+@njit(cache=True)
+def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, t0, t1):
+    """Tasks [t0, t1) of (image, channel block of 16, block of pixels): the micro-kernel over the
+    block's full tiles, a scratch tile for a last partial one, then an activation other than a
+    clamp over the written rows. ``res``/``out`` are (N, O, P) flat; ``res`` may be empty."""
+    groups, nbg, cg, hw, npb, pb, rows = geom
+    o, npix = out.shape[1], out.shape[2]
+    og = o // groups
+    kk = offs.shape[0]
+    has_res = 1 if res.shape[0] > 0 else 0
+    outf = out.reshape(-1)
+    resf = res.reshape(-1)
+    scratch = np.empty(LANES * MAX_ROWS, np.float32)
+    rscratch = np.empty(LANES * MAX_ROWS, np.float32)
+    for t in range(t0, t1):
+        ni, g = t // (groups * npb * nbg), (t // (npb * nbg)) % groups
+        pblk, cb = (t // nbg) % npb, t % nbg
+        blk = g * nbg + cb
+        co0 = g * og + cb * LANES
+        nc = min(LANES, og - cb * LANES)
+        xi = (ni * groups + g) * cg * hw
+        wi = blk * kk * LANES
+        ci = blk * LANES
+        p0, p1 = pblk * pb, min(npix, pblk * pb + pb)
+        chan = (ni * o + co0) * npix
+        full = p0 + (p1 - p0) // rows * rows
+        # one loop per tile size: a call that picks the size inside the loop cost 15 % on 1x1
+        # layers (K = 24), where a tile is ~250 cycles
+        if rows == 8:
+            for p in range(p0, full, 8):
+                _tile8(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p,
+                       offs, kk, packed, wi, bias, ci, lo, hi, nc)
+        else:
+            for p in range(p0, full, 7):
+                _tile7(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p,
+                       offs, kk, packed, wi, bias, ci, lo, hi, nc)
+        if full < p1:  # the last, partial tile: into scratch rows of ``rows``, then copied
+            m = p1 - full
+            if has_res:
+                for j in range(nc):
+                    rscratch[j * rows : j * rows + m] = res[ni, co0 + j, full:p1]
+            if rows == 8:
+                _tile8(scratch, 0, 8, rscratch, 0, 8, has_res, xp, xi, bases, full, offs, kk,
+                       packed, wi, bias, ci, lo, hi, nc)
+            else:
+                _tile7(scratch, 0, 7, rscratch, 0, 7, has_res, xp, xi, bases, full, offs, kk,
+                       packed, wi, bias, ci, lo, hi, nc)
+            for j in range(nc):
+                out[ni, co0 + j, full:p1] = scratch[j * rows : j * rows + m]
+        if act != NONE and act != RELU and act != CLIP:
+            for j in range(nc):
+                act_inplace(out[ni, co0 + j, p0:p1], act, alo, ahi)
+
+
+@njit(parallel=True, cache=True)
+def _conv_parallel(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, total,
+                   chunks):
+    for ch in prange(chunks):
+        _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi,
+                    ch * total // chunks, (ch + 1) * total // chunks)
+
+
+@njit(cache=True)
+def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, act, alo, ahi,
+                  nthreads):
+    """float32 conv2d (NCHW; any stride, padding, dilation, groups) with weights packed by
+    :func:`pack_weight`, fused ``act(y + b + res)``; ``b`` (O,) and ``res`` (like ``out``) may have
+    size 0. Tasks of (image, 16 output channels, block of output pixels) are shared among
+    ``nthreads``; a layer too small to be worth a parallel region runs on the calling thread."""
+    n_img, c, h, w = x.shape
+    o, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    cg, og = c // groups, o // groups
+    hp, wp = h + 2 * ph, w + 2 * pw
+    nbg = packed.shape[0] // groups
+    xp = _pad_planes(x, ph, pw)
+    bases = _bases(oh, ow, sh, sw, wp)
+    offs = _offsets(cg, kh, kw, dh, dw, hp, wp)
+    bias = np.zeros(packed.shape[0] * LANES, np.float32)
+    if b.shape[0] > 0:
+        for g in range(groups):
+            bias[g * nbg * LANES : g * nbg * LANES + og] = b[g * og : (g + 1) * og]
+    # clamps run in the micro-kernel; any other activation afterwards, on the written rows
+    lo = np.float32(alo if act == CLIP else 0.0 if act == RELU else -np.inf)
+    hi = np.float32(ahi if act == CLIP else np.inf)
+    npix = oh * ow
+    rows = best_rows(npix)
+    macs = n_img * o * npix * offs.shape[0]
+    chunks = max(1, min(nthreads, macs // PAR_MACS))
+    blocks = n_img * groups * nbg
+    npb = 1  # blocks of pixels per channel block: equal work per thread
+    while (blocks * npb) % chunks:
+        npb += 1
+    per_block = (npix + npb - 1) // npb
+    pb = (per_block + rows - 1) // rows * rows  # pixels per block, a multiple of rows
+    npb = (npix + pb - 1) // pb
+    geom = (groups, nbg, cg, hp * wp, npb, pb, rows)
+    total = blocks * npb
+    outf = out.reshape(n_img, o, npix)
+    resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
+    if chunks == 1:
+        _conv_tasks(xp, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi, 0,
+                    total)
+    else:
+        _conv_parallel(xp, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi,
+                       total, min(chunks, total))

@@ -1,0 +1,147 @@
+"""The float32 implicit-GEMM conv2d micro-kernel (backends/numba_kernels_f32.py) against the
+reference conv2d over a grid of shapes and epilogues, and a small CNN through compile_numba."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from backends import numba_kernels as K
+from backends import numba_kernels_f32 as F
+from backends.numba_backend import compile_numba
+from compiler.interpreter import run
+from compiler.ir import Graph
+from compiler.ops.nn import conv2d as reference_conv2d
+from compiler.ops.nn import conv_out_size
+from tests.numerics import relative_error
+
+RTOL = 1e-4
+rng = np.random.default_rng(0)
+
+# (activation, attrs, kernel code, lo, hi): the clamps run in the micro-kernel, the others after it
+EPILOGUES = [
+    (None, None, K.NONE, 0.0, 0.0),
+    ("relu", None, K.RELU, 0.0, 0.0),
+    ("clip", {"min_val": -0.5, "max_val": 0.5}, K.CLIP, -0.5, 0.5),
+    ("hardswish", None, K.HARDSWISH, 0.0, 0.0),
+]
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def check_conv(xshape, o, k, stride, padding, dilation, groups, bias, residual, epilogue,
+               nthreads=1):
+    """conv2d_packed == the reference conv2d within RTOL of max|ref|, for one case."""
+    n, c, h, w = xshape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
+    oh, ow = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+    x, wt = randn(*xshape), randn(o, c // groups, kh, kw)
+    b = randn(o) if bias else None
+    r = randn(n, o, oh, ow) if residual else None
+    act, attrs, code, lo, hi = epilogue
+    want = reference_conv2d(x, wt, b, r, stride=stride, padding=padding, dilation=dilation,
+                            groups=groups, activation=act, activation_attrs=attrs)
+    out = np.full((n, o, oh, ow), np.nan, np.float32)  # every output must be written
+    F.conv2d_packed(x, F.pack_weight(wt, groups), np.empty(0, np.float32) if b is None else b,
+                    np.empty((0, 0, 0, 0), np.float32) if r is None else r, out, kh, kw, sh, sw,
+                    ph, pw, dh, dw, groups, code, lo, hi, nthreads)
+    assert relative_error(out, want) < RTOL, (xshape, o, k, stride, padding, dilation, groups)
+
+
+# every (stride, padding, dilation, kernel) combination, with channels, groups, epilogues and
+# sizes rotating over the cases; channel counts are not multiples of 16 (nor of a group's 16
+# lanes), the output planes' pixel counts are mostly not multiples of the tile's 8 or 7 pixels
+GEOMETRY = list(itertools.product((1, 2), (0, 1, 2), (1, 2), (1, 3, 5, 7)))
+CHANNELS = [(3, 17, 1), (17, 40, 1), (40, 3, 1), (6, 34, 2), (34, 40, 2), (40, 6, 2)]
+
+
+@pytest.mark.parametrize("i", range(len(GEOMETRY)))
+def test_kernel_matches_reference_over_shapes(i):
+    s, p, d, k = GEOMETRY[i]
+    c, o, groups = CHANNELS[i % len(CHANNELS)]
+    size = max(1, d * (k - 1) + 1 - 2 * p)  # the smallest input with one output
+    h, w = size + i % 6, size + (i * 5) % 9
+    check_conv((1 + i % 2, c, h, w), o, (k, k), (s, s), (p, p), (d, d), groups, i % 3 != 0,
+               i % 2 == 0, EPILOGUES[i % len(EPILOGUES)])
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: str(e[0]))
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (True, True)])
+def test_kernel_epilogues(epilogue, bias, residual):
+    check_conv((1, 17, 9, 10), 20, (3, 3), (1, 1), (1, 1), (1, 1), 1, bias, residual, epilogue)
+
+
+@pytest.mark.parametrize("xshape, k, stride, padding", [
+    ((1, 5, 7, 7), (3, 3), (1, 1), (1, 1)),      # 49 pixels: tiles of 7
+    ((1, 5, 14, 14), (1, 1), (1, 1), (0, 0)),    # 196: tiles of 7
+    ((2, 5, 8, 8), (3, 3), (1, 1), (1, 1)),      # 64: tiles of 8
+    ((1, 5, 3, 4), (3, 2), (2, 1), (1, 0)),      # fewer pixels than a tile, rectangular kernel
+])
+def test_kernel_tile_sizes(xshape, k, stride, padding):
+    oh = conv_out_size(xshape[2], k[0], stride[0], padding[0], 1)
+    ow = conv_out_size(xshape[3], k[1], stride[1], padding[1], 1)
+    assert F.best_rows(49) == F.best_rows(196) == 7 and F.best_rows(64) == 8
+    assert F.best_rows(oh * ow) in (7, 8)
+    check_conv(xshape, 33, k, stride, padding, (1, 1), 1, True, True, EPILOGUES[1])
+
+
+@pytest.mark.parametrize("xshape, o", [((1, 48, 37, 37), 16), ((2, 16, 30, 30), 40)])
+def test_kernel_splits_large_layers_over_threads(xshape, o):
+    # > PAR_MACS: two chunks, with the pixels of one channel block split between them (first) or
+    # the channel blocks of two images (second)
+    assert xshape[0] * o * xshape[2] * xshape[3] * xshape[1] * 9 > 2 * F.PAR_MACS
+    check_conv(xshape, o, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, True, EPILOGUES[2],
+               nthreads=2)
+
+
+def test_packed_weight_layout():
+    w = randn(40, 3, 2, 2)  # groups 2: 20 channels per group, padded to 32
+    packed = F.pack_weight(w, 2)
+    assert packed.shape == (4, 12, 16) and packed.dtype == np.float32
+    flat = w.reshape(40, 12)
+    for g, cb, j in itertools.product(range(2), range(2), range(16)):
+        oc = cb * 16 + j
+        want = flat[g * 20 + oc] if oc < 20 else np.zeros(12, np.float32)
+        np.testing.assert_array_equal(packed[g * 2 + cb, :, j], want)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+def small_cnn() -> Graph:
+    """stem conv + relu, a strided grouped conv, a residual conv with clip, a depthwise conv
+    (which stays on conv2d_depthwise), a 1x1 conv, global mean."""
+    g = Graph("small_cnn")
+    x = g.add_input("x", (1, 3, 15, 13))
+
+    def conv(h, o, k, name, **attrs):
+        cin = h.shape[1] // attrs.get("groups", 1)
+        w = g.constant(randn(o, cin, k, k) * 0.3, f"{name}.w")
+        b = g.constant(randn(o), f"{name}.b")
+        res = attrs.pop("residual", None)
+        return g.add_node("conv2d", [h, w, b, res], attrs).outputs[0]
+
+    h = conv(x, 17, 3, "stem", padding=(1, 1), activation="relu")
+    h = conv(h, 34, 3, "down", stride=(2, 2), padding=(1, 1), groups=1, activation="relu")
+    h = conv(h, 34, 3, "grouped", padding=(1, 1), groups=2, residual=h, activation="clip",
+             activation_attrs={"min_val": 0.0, "max_val": 6.0})
+    h = conv(h, 34, 3, "dw", padding=(1, 1), groups=34, activation="relu")
+    h = conv(h, 20, 1, "project")
+    g.outputs = [g.add_node("mean", [h], {"axes": (2, 3)}).outputs[0]]
+    return g
+
+
+def test_small_cnn_through_compile_numba_uses_the_kernel():
+    g = small_cnn()
+    model = compile_numba(g)
+    body = model.source.split("def forward")[1]
+    assert body.count("KC.conv2d_packed(") == 4 and body.count("KC.conv2d_depthwise(") == 1
+    assert "KC.conv2d(" not in body
+    assert "stem.w_packed" in model.weights and "stem.w" not in model.weights  # packed only
+    x = randn(1, 3, 15, 13)
+    (got,), (want,) = model.run(x), run(g, [x])
+    assert got.shape == want.shape and relative_error(got, want) < RTOL
