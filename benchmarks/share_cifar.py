@@ -201,8 +201,9 @@ def pipeline(unfused, bit_widths: list[int], args, data) -> list[tuple]:
         ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
         rows.append((f"prune {args.prune_target}+share {bits}", acc0, acc1, ort_acc, size, zsize,
                      nsize, nzsize))
+        print(rows[-1], flush=True)  # before the int8 step: a failure there keeps this row
         if args.pipeline_quantize:  # Deep Compression's third step: int8 centroids, activations
-            calib = x_train[: args.calibration]
+            calib = x_train[: max(1, args.calibration // BATCH) * BATCH]  # whole traced batches
             quant = compile(shared, passes=[Quantize(calibration_data=calib)], check=False).graph
             size, zsize, onnx_model = onnx_sizes(quant)
             nsize, nzsize, _ = numba_sizes(quant)
