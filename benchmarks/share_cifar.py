@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import pickle
 import statistics
 import sys
 import tempfile
@@ -127,6 +128,10 @@ def main() -> int:
     ap.add_argument("--pipeline-bits", default="4")
     ap.add_argument("--pipeline-quantize", action="store_true",
                     help="then quantize the pipeline's shared model to int8 (calibrated)")
+    ap.add_argument("--pruned-cache", default="",
+                    help="pickle of the pruned, fine-tuned, fused graph: reused when it was made "
+                    "with the same --prune-target and --prune-epochs (the fine-tune is the long "
+                    "part), written otherwise")
     ap.add_argument("--calibration", type=int, default=256,
                     help="training images the int8 step calibrates on")
     args = ap.parse_args()
@@ -181,15 +186,23 @@ def pipeline(unfused, bit_widths: list[int], args, data) -> list[tuple]:
     batch norms, fuse; then for each bit width share and fine-tune the centroids (the pruned,
     fine-tuned model is made once: its fine-tune is the long part)."""
     x_dev, y_dev, x_train, y_train = data
-    pruner = PruneChannels(target=args.prune_target, target_metric="params", scope="global",
-                           criterion="l1", round_to=4, shortcut=False)
-    pruned = unfused.clone()
-    PassManager(passes=[pruner]).run(pruned)
-    module = compile_torch(pruned)
-    if args.prune_epochs > 0:
-        cifar.finetune(module, x_train, y_train, epochs=args.prune_epochs, lr=0.01)
-    acc_pruned = cifar.evaluate(module, x_dev, y_dev)
-    fused = compile(to_graph(module), passes=["fuse"], check=False).graph
+    cache = Path(args.pruned_cache) if args.pruned_cache else None
+    key = (args.prune_target, args.prune_epochs)
+    if cache is not None and cache.exists() and pickle.loads(cache.read_bytes())[0] == key:
+        _, fused, acc_pruned = pickle.loads(cache.read_bytes())  # the same pruning, fine-tuned
+    else:
+        pruner = PruneChannels(target=args.prune_target, target_metric="params", scope="global",
+                               criterion="l1", round_to=4, shortcut=False)
+        pruned = unfused.clone()
+        PassManager(passes=[pruner]).run(pruned)
+        module = compile_torch(pruned)
+        if args.prune_epochs > 0:
+            cifar.finetune(module, x_train, y_train, epochs=args.prune_epochs, lr=0.01)
+        acc_pruned = cifar.evaluate(module, x_dev, y_dev)
+        fused = compile(to_graph(module), passes=["fuse"], check=False).graph
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_bytes(pickle.dumps((key, fused, acc_pruned)))
     print(f"pipeline: pruned to {args.prune_target} of the params, {acc_pruned:.2f} % after "
           f"{args.prune_epochs} epochs", flush=True)
     rows = []
