@@ -209,6 +209,12 @@ def _conv2d(gen: Codegen, node: Node) -> None:
         from backends.numba_kernels_f32 import pack_weight
 
         packed = gen.weight(pack_weight(w.data, groups), f"{w.name}_packed")
+    elif _shared_f32_conv(node):
+        # a shared weight decoded at load: packed once, on the first call, beside the decoded one
+        # (compile-time packing would store the dense weight in weights.npz)
+        packed = f'w["_packed.{w.name}"]'
+        gen.emit(f'if "_packed.{w.name}" not in w: '
+                 f"{packed} = KC.pack_weight({gen.arg(w)}, {groups})")
 
     def core(bias, res, act):
         out = gen.out(y)
@@ -243,6 +249,20 @@ def uses_f32_conv(node: Node) -> bool:
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     f32 = x.dtype == w.dtype == y.dtype == "float32"
     return w.is_constant and f32 and not is_depthwise(node)
+
+
+def _shared_f32_conv(node: Node) -> bool:
+    """A float32 conv (depthwise excepted) whose weight is a codebook_lookup of constants that the
+    codebook emitter decodes once at load (backends/numba_codebook.py): it takes the micro-kernel
+    too, with the weight packed at load."""
+
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    p = w.producer
+    return (
+        p is not None and p.op == "codebook_lookup" and all(v.is_constant for v in p.inputs)
+        and numba_codebook.CODEBOOK_DECODE == "load"
+        and x.dtype == w.dtype == y.dtype == "float32" and not is_depthwise(node)
+    )
 
 
 def is_depthwise(node: Node) -> bool:

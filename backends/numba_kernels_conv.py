@@ -20,7 +20,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numba_kernels import CLIP, NONE, RELU, act_inplace, finish_row, softmax_rows
-from .numba_kernels_f32 import conv2d_packed  # noqa: F401  (called by the generated code as KC.)
+from .numba_kernels_f32 import (  # noqa: F401  (called by the generated code as KC.)
+    conv2d_packed,
+    pack_weight,
+)
 
 # Target size (elements) of one im2col tile: a few hundred KiB, so the tile and its GEMM output
 # stay in the L2 cache while the epilogue reads them.
