@@ -40,6 +40,31 @@ def sharing_summary(rows: list[dict]) -> str:
             f"(median), ONNX file {statistics.median(onnx):.2f}x smaller than the dense weights")
 
 
+def factorization_summary(rows: list[dict]) -> str:
+    """MACs kept at energy 0.6 and the full-rank deviation of the factorized models."""
+    import statistics
+
+    applied = [r for r in rows if r.get("applicable")]
+    macs = [r["macs"] for r in applied]
+    worst = max(r["full_rank_deviation"] for r in rows)
+    return (f"factorized: {len(applied)} with conv/linear layers; energy 0.6 keeps "
+            f"{statistics.median(macs):.2f} of the MACs (median, {min(macs):.2f}-{max(macs):.2f}); "
+            f"full rank matches within {worst:.1e}")
+
+
+def quantization_summary(rows: list[dict]) -> str:
+    """Which integer kernels ORT ran, the share of its time in them, and the int8 deviation."""
+    import statistics
+
+    integer = [r for r in rows if any(k.startswith("QLinear") or k == "QGemm"
+                                      for k in r.get("kernels", ()))]
+    shares = [r["integer_share"] for r in rows if "integer_share" in r]
+    devs = [r["deviation"] for r in rows]
+    return (f"quantized: {len(integer)}/{len(rows)} ran QLinearConv/QGemm/QLinear* kernels, "
+            f"median {statistics.median(shares):.2f} of ORT's kernel time in them; deviation "
+            f"from the float graph median {statistics.median(devs):.3f} (max {max(devs):.3f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="", help="comma-separated subset (default: all 80)")
@@ -89,6 +114,10 @@ def main() -> int:
         print(f"{len(ok)}/{total} {key}{worst}{tail}")
         if key == "shared" and ok:
             print("    " + sharing_summary([r["sharing"] for r in ok]))
+        if key == "factorized" and ok:
+            print("    " + factorization_summary([r["factorization"] for r in ok]))
+        if key == "quantized" and ok:
+            print("    " + quantization_summary([r["quantization"] for r in ok]))
     print(f"zoo: {total} models in {time.perf_counter() - start:.0f} s")
     save(results, args.json)
     return 0
