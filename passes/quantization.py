@@ -41,13 +41,15 @@ WEIGHT_BITS = (4, 8)
 
 
 def quantize_weight(
-    w: np.ndarray, bits: int, group_size: int = 0, clip: str = "max"
+    w: np.ndarray, bits: int, group_size: int = 0, clip: str = "max",
+    min_scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel (or per group of ``group_size`` input channels) quantization.
 
     Returns ``(q, scale)``: ``q`` int8 of ``w``'s shape in ``[-(2**(bits-1) - 1), 2**(bits-1) -
     1]``; ``scale`` float32 ``(O,)``, or ``(O, I / group_size)`` for groups. ``clip="mse"`` shrinks
-    each scale to the one with the least squared error (worth it at 4 bits).
+    each scale to the one with the least squared error (worth it at 4 bits). ``min_scale`` (per
+    output channel) is a floor on the scales (see ``_min_weight_scale``).
     """
     if bits not in WEIGHT_BITS:
         raise OptionError(f"{bits}-bit weights are not supported", hint=f"use {WEIGHT_BITS}")
@@ -68,6 +70,9 @@ def quantize_weight(
             better = err < best_err
             best, best_err = np.where(better, s, best), np.where(better, err, best_err)
         scale = best
+    if min_scale is not None:
+        floor = np.asarray(min_scale, np.float64).reshape((o,) + (1,) * (scale.ndim - 1))
+        scale = np.maximum(scale, floor)
     q = np.clip(np.rint(rows / scale[..., None]), -qmax, qmax).astype(np.int8)
     return q.reshape(w.shape), scale.astype(np.float32)
 
@@ -307,7 +312,8 @@ def shared_weight(value: Value) -> Node | None:
     return p
 
 
-def _quantize_codebook(graph: Graph, lookup: Node, bits: int, clip: str, meta: dict):
+def _quantize_codebook(graph: Graph, lookup: Node, bits: int, clip: str, meta: dict,
+                       min_scale: np.ndarray | None = None):
     """Quantize a shared weight without decoding it: each codebook group gets a symmetric scale
     (chosen on the decoded weights, so each centroid counts as often as it is used) and int8
     centroids; the indices are kept. Returns ``(int8 weight value, per-output-channel scale,
@@ -319,7 +325,8 @@ def _quantize_codebook(graph: Graph, lookup: Node, bits: int, clip: str, meta: d
     (dense,) = get_op("codebook_lookup").run([codebook.data, indices.data], lookup.attrs)
     groups, o = codebook.shape[0], shape[0]
     rows = groups if o % groups == 0 else 1  # whole output channels per group, else one scale
-    _, group_scale = quantize_weight(dense.reshape(rows, -1), bits, 0, clip)
+    floor = None if min_scale is None else np.asarray(min_scale).reshape(rows, -1).max(axis=1)
+    _, group_scale = quantize_weight(dense.reshape(rows, -1), bits, 0, clip, floor)
     qmax = 2 ** (bits - 1) - 1
     cb_scale = np.repeat(group_scale, groups // rows)[:, None]
     q_codebook = np.clip(np.rint(codebook.data / cb_scale), -qmax, qmax).astype(np.int8)
@@ -342,15 +349,17 @@ def _quantize_layer(
     meta = {"source": node.source} if node.source else {}
     lookup = None if w.is_constant else shared_weight(w)
     clip = "mse" if bits < 8 else "max"
+    s_x = _input_scale(node)
+    bias = None if b is None else b.data.astype(np.float64)
+    groups = group_size if lookup is None and bits == 4 and _groupable(node, group_size) else 0
+    floor = None if groups else _min_weight_scale(bias, s_x)
     if lookup is not None:  # shared: int8 centroids, same indices, per-channel scales
-        groups = 0
-        q_value, scale, wq_float, dense = _quantize_codebook(graph, lookup, bits, clip, meta)
+        q_value, scale, wq_float, dense = _quantize_codebook(graph, lookup, bits, clip, meta,
+                                                             floor)
     else:
-        groups = group_size if bits == 4 and _groupable(node, group_size) else 0
-        q, scale = quantize_weight(w.data, bits, groups, clip=clip)
+        q, scale = quantize_weight(w.data, bits, groups, clip=clip, min_scale=floor)
         wq_float = _dequantized(q, scale, groups)
         dense = w.data
-    bias = None if b is None else b.data.astype(np.float64)
     if input_mean is not None:
         shift = _output_mean(node, input_mean, dense.astype(np.float64) - wq_float)
         bias = shift if bias is None else bias + shift
@@ -383,7 +392,6 @@ def _quantize_layer(
     node.set_input(1, dq.outputs[0])
     if lookup is not None and not lookup.outputs[0].uses:
         graph.erase_node(lookup)  # the float codebook goes with it
-    s_x = _input_scale(node)
     if bias is not None:
         if s_x is not None and not groups:  # int32 with scale s_x * s_w: what QLinearConv takes
             bs = (np.float32(s_x) * scale).astype(np.float32)
@@ -399,6 +407,21 @@ def _quantize_layer(
         else:
             node.set_input(2, graph.constant(bias.astype(w.dtype), f"{node.name}.bias"))
     node.meta["quantized"] = {"weight_bits": bits, "group_size": groups}
+
+
+#: largest |int32 bias| a layer may get: half the int32 range, the rest is for the accumulation
+BIAS_LIMIT = 2**30
+
+
+def _min_weight_scale(bias: np.ndarray | None, s_x: float | None) -> np.ndarray | None:
+    """Per-output-channel floor on the weight scale so that the int32 bias (scale ``s_x * s_w``)
+    fits in ``BIAS_LIMIT``: a bias large next to ``x * w`` (a random net whose activations decay
+    to 1e-7 under a linear whose bias is 0.02) would otherwise saturate, silently. Coarser
+    weights cost little there: the bias dominates the output. None when no floor is needed."""
+    if bias is None or s_x is None or s_x <= 0:
+        return None
+    floor = np.abs(bias) / (np.float64(s_x) * BIAS_LIMIT)
+    return floor if np.any(floor > 0) else None
 
 
 def _groupable(node: Node, group_size: int) -> bool:

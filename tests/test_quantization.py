@@ -653,3 +653,26 @@ def test_quantize_after_sharing_keeps_the_indices_and_runs_in_integer_kernels(ti
     with torch.no_grad():
         tq = compile_torch(q)(torch.from_numpy(x)).numpy()
     assert deviation([sim], [nb]) < 1e-3 and deviation([sim], [tq]) < 1e-5
+
+
+def test_a_bias_large_next_to_tiny_activations_fits_int32_by_coarser_weights():
+    # inception_v3 with random weights: activations decay to 5e-7 before the head, whose bias
+    # (0.02) is the whole logit; at s_x * s_w = 4e-13 the int32 bias saturated at 8e-4 (a
+    # deviation of 0.96). The weight scale is raised until the bias fits instead.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 6)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-6)
+        model[0].bias.zero_()
+    graph = compile(model, torch.zeros(1, 3, 4, 4), passes=["fuse"], check=False).graph
+    data = np.random.default_rng(2).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    q = quantized(graph, data)
+    assert len(q.meta["quantization"]["layers"]) == 2
+    bias_q = next(v for v in q.constants() if v.name.endswith(".bias.q") and v.numel == 6)
+    assert np.abs(bias_q.data.astype(np.int64)).max() <= 2**30
+    x = data[:1]
+    (want,) = run(graph, [x])
+    (sim,) = run(q, [x])
+    assert deviation([want], [sim]) < 0.01
+    (ort,) = compile_onnx(q).run(x)
+    assert deviation([sim], [ort]) < 1e-3
