@@ -91,10 +91,10 @@ def test_quantize_rounds_half_to_even_and_saturates():
 def test_dequantize_per_axis_and_per_block():
     q = np.array([[1, -2, 3, -4], [5, 6, -7, 8]], np.int8)
     per_axis = dequantize_linear(q, np.array([0.5, 2.0], np.float32), np.array([1, 0], np.int8),
-                                 axis=0, block_size=0)
+                                 axis=0, block_size=0, bits=8)
     np.testing.assert_array_equal(per_axis, [[0, -1.5, 1, -2.5], [10, 12, -14, 16]])
     blocks = dequantize_linear(q, np.array([[1.0, 0.5], [2.0, 0.25]], np.float32), None,
-                               axis=1, block_size=2)
+                               axis=1, block_size=2, bits=8)
     np.testing.assert_array_equal(blocks, [[1, -2, 1.5, -2], [10, 12, -1.75, 2]])
 
 
@@ -228,31 +228,31 @@ graph TinyNet(
   $linear.bias.scale: float32[4]
   $linear.bias.zero: int32[4]
   %x.q: uint8[1,3,8,8] = quantize_linear(%x, $x.scale, $x.zero) {axis=1, bits=8, block_size=0}
-  %x.dq: float32[1,3,8,8] = dequantize_linear(%x.q, $x.scale, $x.zero) {axis=1, block_size=0}
-  %conv1.weight.dq: float32[8,3,3,3] = dequantize_linear($conv1.weight.q, $conv1.weight.scale, $conv1.weight.zero) {axis=0, block_size=0}
-  %conv2d.bias.dq: float32[8] = dequantize_linear($conv2d.bias.q, $conv2d.bias.scale, $conv2d.bias.zero) {axis=0, block_size=0}
+  %x.dq: float32[1,3,8,8] = dequantize_linear(%x.q, $x.scale, $x.zero) {axis=1, bits=8, block_size=0}
+  %conv1.weight.dq: float32[8,3,3,3] = dequantize_linear($conv1.weight.q, $conv1.weight.scale, $conv1.weight.zero) {axis=0, bits=8, block_size=0}
+  %conv2d.bias.dq: float32[8] = dequantize_linear($conv2d.bias.q, $conv2d.bias.scale, $conv2d.bias.zero) {axis=0, bits=8, block_size=0}
   %conv2d: float32[1,8,8,8] = conv2d(%x.dq, %conv1.weight.dq, %conv2d.bias.dq) {activation='relu', dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
   %conv2d.q: uint8[1,8,8,8] = quantize_linear(%conv2d, $conv2d.scale, $conv2d.zero) {axis=1, bits=8, block_size=0}
-  %conv2d.dq: float32[1,8,8,8] = dequantize_linear(%conv2d.q, $conv2d.scale, $conv2d.zero) {axis=1, block_size=0}
-  %conv2.weight.dq: float32[8,8,3,3] = dequantize_linear($conv2.weight.q, $conv2.weight.scale, $conv2.weight.zero) {axis=0, block_size=0}
-  %conv2d_1.bias.dq: float32[8] = dequantize_linear($conv2d_1.bias.q, $conv2d_1.bias.scale, $conv2d_1.bias.zero) {axis=0, block_size=0}
+  %conv2d.dq: float32[1,8,8,8] = dequantize_linear(%conv2d.q, $conv2d.scale, $conv2d.zero) {axis=1, bits=8, block_size=0}
+  %conv2.weight.dq: float32[8,8,3,3] = dequantize_linear($conv2.weight.q, $conv2.weight.scale, $conv2.weight.zero) {axis=0, bits=8, block_size=0}
+  %conv2d_1.bias.dq: float32[8] = dequantize_linear($conv2d_1.bias.q, $conv2d_1.bias.scale, $conv2d_1.bias.zero) {axis=0, bits=8, block_size=0}
   %conv2d_1: float32[1,8,8,8] = conv2d(%conv2d.dq, %conv2.weight.dq, %conv2d_1.bias.dq) {activation='relu', dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
   %conv2d_1.q: uint8[1,8,8,8] = quantize_linear(%conv2d_1, $conv2d_1.scale, $conv2d_1.zero) {axis=1, bits=8, block_size=0}
-  %conv2d_1.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_1.q, $conv2d_1.scale, $conv2d_1.zero) {axis=1, block_size=0}
-  %conv3.weight.dq: float32[8,8,3,3] = dequantize_linear($conv3.weight.q, $conv3.weight.scale, $conv3.weight.zero) {axis=0, block_size=0}
-  %conv2d_2.bias.dq: float32[8] = dequantize_linear($conv2d_2.bias.q, $conv2d_2.bias.scale, $conv2d_2.bias.zero) {axis=0, block_size=0}
+  %conv2d_1.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_1.q, $conv2d_1.scale, $conv2d_1.zero) {axis=1, bits=8, block_size=0}
+  %conv3.weight.dq: float32[8,8,3,3] = dequantize_linear($conv3.weight.q, $conv3.weight.scale, $conv3.weight.zero) {axis=0, bits=8, block_size=0}
+  %conv2d_2.bias.dq: float32[8] = dequantize_linear($conv2d_2.bias.q, $conv2d_2.bias.scale, $conv2d_2.bias.zero) {axis=0, bits=8, block_size=0}
   %conv2d_2: float32[1,8,8,8] = conv2d(%conv2d_1.dq, %conv3.weight.dq, %conv2d_2.bias.dq) {dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
   %conv2d_2.q: uint8[1,8,8,8] = quantize_linear(%conv2d_2, $conv2d_2.scale, $conv2d_2.zero) {axis=1, bits=8, block_size=0}
-  %conv2d_2.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_2.q, $conv2d_2.scale, $conv2d_2.zero) {axis=1, block_size=0}
+  %conv2d_2.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_2.q, $conv2d_2.scale, $conv2d_2.zero) {axis=1, bits=8, block_size=0}
   %add_1: float32[1,8,8,8] = add(%conv2d_2.dq, %conv2d.dq)
   %relu_3: float32[1,8,8,8] = relu(%add_1)
   %relu_3.q: uint8[1,8,8,8] = quantize_linear(%relu_3, $relu_3.scale, $relu_3.zero) {axis=1, bits=8, block_size=0}
-  %relu_3.dq: float32[1,8,8,8] = dequantize_linear(%relu_3.q, $relu_3.scale, $relu_3.zero) {axis=1, block_size=0}
+  %relu_3.dq: float32[1,8,8,8] = dequantize_linear(%relu_3.q, $relu_3.scale, $relu_3.zero) {axis=1, bits=8, block_size=0}
   %mean: float32[1,8] = mean(%relu_3.dq) {axes=[2, 3], keepdims=False}
   %mean.q: uint8[1,8] = quantize_linear(%mean, $mean.scale, $mean.zero) {axis=1, bits=8, block_size=0}
-  %mean.dq: float32[1,8] = dequantize_linear(%mean.q, $mean.scale, $mean.zero) {axis=1, block_size=0}
-  %fc.weight.dq: float32[4,8] = dequantize_linear($fc.weight.q, $fc.weight.scale, $fc.weight.zero) {axis=0, block_size=0}
-  %linear.bias.dq: float32[4] = dequantize_linear($linear.bias.q, $linear.bias.scale, $linear.bias.zero) {axis=0, block_size=0}
+  %mean.dq: float32[1,8] = dequantize_linear(%mean.q, $mean.scale, $mean.zero) {axis=1, bits=8, block_size=0}
+  %fc.weight.dq: float32[4,8] = dequantize_linear($fc.weight.q, $fc.weight.scale, $fc.weight.zero) {axis=0, bits=8, block_size=0}
+  %linear.bias.dq: float32[4] = dequantize_linear($linear.bias.q, $linear.bias.scale, $linear.bias.zero) {axis=0, bits=8, block_size=0}
   %linear: float32[1,4] = linear(%mean.dq, %fc.weight.dq, %linear.bias.dq)
   return %linear
 }"""
