@@ -244,8 +244,8 @@ graph TinyNet(
   %conv2d_2: float32[1,8,8,8] = conv2d(%conv2d_1.dq, %conv3.weight.dq, %conv2d_2.bias.dq) {dilation=[1, 1], groups=1, padding=[1, 1], stride=[1, 1]}
   %conv2d_2.q: uint8[1,8,8,8] = quantize_linear(%conv2d_2, $conv2d_2.scale, $conv2d_2.zero) {axis=1, bits=8, block_size=0}
   %conv2d_2.dq: float32[1,8,8,8] = dequantize_linear(%conv2d_2.q, $conv2d_2.scale, $conv2d_2.zero) {axis=1, bits=8, block_size=0}
-  %add_1: float32[1,8,8,8] = add(%conv2d_2.dq, %conv2d.dq)
-  %relu_3: float32[1,8,8,8] = relu(%add_1)
+  %add_0: float32[1,8,8,8] = add(%conv2d_2.dq, %conv2d.dq)
+  %relu_3: float32[1,8,8,8] = relu(%add_0)
   %relu_3.q: uint8[1,8,8,8] = quantize_linear(%relu_3, $relu_3.scale, $relu_3.zero) {axis=1, bits=8, block_size=0}
   %relu_3.dq: float32[1,8,8,8] = dequantize_linear(%relu_3.q, $relu_3.scale, $relu_3.zero) {axis=1, bits=8, block_size=0}
   %mean: float32[1,8] = mean(%relu_3.dq) {axes=[2, 3], keepdims=False}
