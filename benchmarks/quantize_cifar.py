@@ -109,6 +109,16 @@ def integer_share(model: onnx.ModelProto) -> float:
     return sum(v for k, v in kernels.items() if k in INTEGER_KERNELS) / sum(kernels.values())
 
 
+def add_then_quantized(rows: dict, name: str, graph, calib, x_dev, y_dev) -> None:
+    """Rows ``<name> fp32`` and ``<name> + int8``: a compressed graph, then it quantized."""
+    start = time.perf_counter()
+    q = compile(graph, passes=[Quantize()], calibration_data=calib, check=False).graph
+    seconds = time.perf_counter() - start
+    for label, g, sec in ((f"{name} fp32", graph, 0.0), (f"{name} + int8", q, seconds)):
+        emitted = compile_onnx(g).model
+        rows[label] = (emitted, ort_accuracy(emitted, x_dev, y_dev), sec)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="20,56")
@@ -162,25 +172,13 @@ def main() -> int:
             pruned = compile(unfused, passes=[PruneChannels(
                 target=args.prune, scope="global", round_to=4, shortcut=False), "fuse"],
                 check=False).graph
-            start = time.perf_counter()
-            pq = compile(pruned, passes=[Quantize()], calibration_data=calib, check=False).graph
-            seconds = time.perf_counter() - start
-            for label, g, sec in ((f"pruned {args.prune:g} MACs fp32", pruned, 0.0),
-                                  (f"pruned {args.prune:g} MACs + int8", pq, seconds)):
-                emitted = compile_onnx(g).model
-                rows[label] = (emitted, ort_accuracy(emitted, x_dev, y_dev), sec)
+            add_then_quantized(rows, f"pruned {args.prune:g} MACs", pruned, calib, x_dev, y_dev)
         if args.share:  # share then quantize: int8 centroids behind the packed indices
             from passes.weight_sharing import ShareWeights
 
             shared = compile(graph, passes=[ShareWeights(bits=args.share, groups=8)],
                              check=False).graph
-            start = time.perf_counter()
-            sq = compile(shared, passes=[Quantize()], calibration_data=calib, check=False).graph
-            seconds = time.perf_counter() - start
-            for label, g, sec in ((f"shared {args.share} bits fp32", shared, 0.0),
-                                  (f"shared {args.share} bits + int8", sq, seconds)):
-                emitted = compile_onnx(g).model
-                rows[label] = (emitted, ort_accuracy(emitted, x_dev, y_dev), sec)
+            add_then_quantized(rows, f"shared {args.share} bits", shared, calib, x_dev, y_dev)
         start = time.perf_counter()
         ort_q = ort_quantize_static(fp32, calib)
         rows["ORT quantize_static"] = (ort_q, ort_accuracy(ort_q, x_dev, y_dev),
