@@ -134,12 +134,13 @@ def main() -> int:
                     "part), written otherwise")
     ap.add_argument("--calibration", type=int, default=256,
                     help="training images the int8 step calibrates on")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the fine-tunes")
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "cifar10/train_20k.npz",
                                 "resnet_cifar10"):
         print(f"share_cifar: skipped, no data under {cifar.data_dir()}")
         return 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     x_dev, y_dev = cifar.load_cifar("test_dev_2k")
     x_train, y_train = cifar.load_cifar("train_20k")
     data = (x_dev, y_dev, x_train, y_train)

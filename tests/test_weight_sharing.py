@@ -167,6 +167,27 @@ def test_pack_unpack_round_trip(bits):
         np.testing.assert_array_equal(unpack_indices(packed, bits, count), idx)
 
 
+@pytest.mark.parametrize("opset", [18, 26])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_onnx_decode_function_is_exact_at_every_width(bits, opset):
+    """Each width's decode function rebuilds the weight exactly in ONNX Runtime (odd counts pad
+    the last group of 8; two groups index two codebook rows)."""
+    count, groups = 2 * 45, 2
+    idx = rng.integers(0, 1 << bits, count).astype(np.uint8)
+    g = Graph("decode")
+    x = g.add_input("x", (1, count))
+    book = g.constant(randn(groups, 1 << bits), "w.codebook")
+    node = g.add_node("codebook_lookup", [book, g.constant(pack_indices(idx, bits), "w.indices")],
+                      {"shape": (groups, 45), "bits": bits})
+    flat = g.add_node("reshape", [node.outputs[0]], {"shape": (1, count)})
+    g.outputs = [g.add_node("add", [x, flat.outputs[0]]).outputs[0]]
+    want = np.take_along_axis(book.data, idx.reshape(groups, 45).astype(np.int64), 1)
+    model = compile_onnx(g, opset=opset)
+    assert {f.name for f in model.model.functions} == {f"CodebookDecode{bits}"}
+    (got,) = model.run(np.zeros((1, count), np.float32))
+    np.testing.assert_array_equal(got.reshape(groups, 45), want)
+
+
 def test_pack_layout_is_little_endian_low_bits_first():
     np.testing.assert_array_equal(pack_indices(np.array([1, 2, 3, 4, 0, 0, 0, 15]), 4),
                                   [0x21, 0x43, 0x00, 0xF0])
@@ -186,9 +207,14 @@ def test_backends_match_the_interpreter(bits, groups):
     with torch.no_grad():
         got_torch = compile_torch(graph)(torch.from_numpy(x)).numpy()
     onnx_model = compile_onnx(graph)
-    ops = {n.op_type for n in onnx_model.model.graph.node}
+    # each shared layer is one call of the bit width's model-local decode function
+    calls = [n for n in onnx_model.model.graph.node if n.domain == "slimgraph"]
+    lookups = sum(n.op == "codebook_lookup" for n in graph.nodes)  # at 8 bits conv1 stays dense
+    assert lookups >= 1 and [n.op_type for n in calls] == [f"CodebookDecode{bits}"] * lookups
+    (function,) = onnx_model.model.functions
+    body = {n.op_type for n in function.node}
     unpack = {1: "BitShift", 2: "BitShift", 3: "MatMul", 4: "BitShift", 8: "Cast"}[bits]
-    assert unpack in ops and ("Gather" if groups == 1 else "GatherElements") in ops
+    assert unpack in body and "GatherElements" in body
     results = {"torch": got_torch, "onnx": onnx_model.run(x)[0]}
     for mode in ("load", "call"):
         numba_codebook.CODEBOOK_DECODE = mode
