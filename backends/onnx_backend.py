@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from backends.onnx_emitters import ACTIVATIONS, EMITTERS, OnnxBuilder
 from backends.onnx_codebook import attach_functions
+from backends.onnx_emitters import ACTIVATIONS, EMITTERS, OnnxBuilder
 from backends.onnx_quant import INT4_OPSET, needs_int4, pack_int4
 from compiler.errors import BackendError, OptionError, SlimgraphError
 from compiler.interpreter import check_inputs
