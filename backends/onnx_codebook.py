@@ -11,14 +11,16 @@ file."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from backends.onnx_emitters import OnnxBuilder, Tensor
-from compiler.ir import Node
+if TYPE_CHECKING:  # onnx_emitters imports this module to register the emitter
+    from backends.onnx_emitters import OnnxBuilder, Tensor
+    from compiler.ir import Node
 
 DOMAIN = "slimgraph"  # the model-local functions' domain (declared in the model's opset imports)
 DOMAIN_VERSION = 1

@@ -1,15 +1,18 @@
 """CPU latency of torch eager, ONNX Runtime and slimgraph's numba backend, side by side in one run.
 
-    python benchmarks/latency.py                                  # resnet18, mobilenet_v2, resnet56
-    python benchmarks/latency.py --models resnet18 --threads 1 --batches 1 --repeats 30
+    python benchmarks/latency.py       # resnet18, resnet50, mobilenet_v2, resnet56, pruned too
+    python benchmarks/latency.py --models resnet18 --threads 1 --batches 1 --repeats 30 --prune 0
 
 For every model, batch and thread count the three backends take turns in blocks of calls over a
 few rounds (so drift on a shared machine hits all three alike) and the medians are printed with
 their ratios. A peak SGEMM GFLOP/s is measured in the same process (the best of numpy's and
 torch's BLAS on a large square product) and each backend's achieved GFLOP/s is given as a
 fraction of it. The numba package is also saved and loaded in fresh processes: the first compiles
-the kernels (JIT), the second loads them from numba's cache. All models use random weights and
-the ``fuse`` preset.
+the kernels (JIT), the second loads them from numba's cache (its time is split into importing
+numpy and numba, which every numba program pays, and the package's own import, load and first run).
+All models use random weights and the ``fuse`` preset; with ``--prune F`` each model is also run
+pruned by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths rounded to 8), where
+torch eager is the pruned model's torch module (``backends/torch_backend.py``).
 """
 
 from __future__ import annotations
@@ -134,16 +137,19 @@ LOAD_SCRIPT = textwrap.dedent("""
     start = time.perf_counter()
     sys.path.insert(0, {parent!r})
     import numpy as np
+    import numba
+    libraries = time.perf_counter() - start
     import {name} as pkg
     m = pkg.load()
     m.run(np.zeros({shape!r}, "float32"))
-    print(time.perf_counter() - start)
+    print(time.perf_counter() - start, libraries)
 """)
 
 
-def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float]:
+def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float, float]:
     """Seconds to import, load and run a saved package in a fresh process: first (JIT compile of
-    the package's kernels) and second (kernels from numba's cache)."""
+    the package's kernels), second (kernels from numba's cache), and the part of the second spent
+    importing numpy and numba."""
     with tempfile.TemporaryDirectory() as tmp:
         path = numba_model.save(os.path.join(tmp, "bench_pkg"))
         script = LOAD_SCRIPT.format(parent=tmp, name=path.name, shape=shape)
@@ -152,15 +158,15 @@ def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float]:
             done = subprocess.run(
                 [sys.executable, "-c", script], capture_output=True, text=True, check=True
             )
-            times.append(float(done.stdout.split()[-1]))
-    return times[0], times[1]
+            times.append([float(t) for t in done.stdout.split()[-2:]])
+    return times[0][0], times[1][0], times[1][1]
 
 
 def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
-    """Rows (one per batch and thread count) for one model; [] when it has no definition."""
+    """Rows (one per variant, batch and thread count) for one model; [] when it has no
+    definition. The variants are the model and, with ``--prune``, its pruned version."""
     import compiler
-    from backends.numba_backend import compile_numba
-    from compiler.report import graph_stats
+    from passes.pruning import PruneChannels
 
     built = build(name, args.size)
     if built is None:
@@ -170,38 +176,53 @@ def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-        graph = compiler.compile(model, x, passes=["fuse"], backend="torch", check=False).graph
-        gflop = 2 * graph_stats(graph).macs / 1e9
-        start = time.perf_counter()
-        numba_model = compile_numba(graph)
-        numba_model.run(x.numpy())
-        warm_compile = time.perf_counter() - start
-        jit, cached = (
-            load_times(numba_model, tuple(x.shape))
-            if batch == args.batches[0]
-            else (float("nan"), float("nan"))
-        )
-        for threads in args.threads:
-            fns = runners(model, graph, numba_model, x, threads)
-            med = measure(fns, threads, args.repeats)
-            row = {
-                "model": name,
-                "batch": batch,
-                "threads": threads,
-                "gflop": gflop,
-                "peak": peaks[threads],
-                "jit": jit,
-                "cached": cached,
-                "compile": warm_compile,
-                **{k: v * 1e3 for k, v in med.items()},
-            }
-            rows.append(row)
-            print(format_row(row), flush=True)
+        dense = compiler.compile(model, x, passes=["fuse"], backend="torch", check=False)
+        variants = [(name, model, dense.graph)]
+        if args.prune:
+            pruner = PruneChannels(target=args.prune, scope="global", criterion="l1", round_to=8)
+            pruned = compiler.compile(model, x, passes=[pruner, "fuse"], backend="torch",
+                                      check=False)
+            variants.append((f"{name}-p{args.prune:g}", pruned.artifact.eval(), pruned.graph))
+        for label, eager, graph in variants:
+            rows += bench_variant(label, eager, graph, x, batch == args.batches[0], args, peaks)
+    return rows
+
+
+def bench_variant(label, eager, graph, x, load: bool, args, peaks) -> list[dict]:
+    """Rows (one per thread count) for one graph and its torch eager module at one batch."""
+    from backends.numba_backend import compile_numba
+    from compiler.report import graph_stats
+
+    gflop = 2 * graph_stats(graph).macs / 1e9
+    start = time.perf_counter()
+    numba_model = compile_numba(graph)
+    numba_model.run(x.numpy())
+    warm_compile = time.perf_counter() - start
+    nan = float("nan")
+    jit, cached, libraries = load_times(numba_model, tuple(x.shape)) if load else (nan,) * 3
+    rows = []
+    for threads in args.threads:
+        fns = runners(eager, graph, numba_model, x, threads)
+        med = measure(fns, threads, args.repeats)
+        row = {
+            "model": label,
+            "batch": x.shape[0],
+            "threads": threads,
+            "gflop": gflop,
+            "peak": peaks[threads],
+            "jit": jit,
+            "cached": cached,
+            "libraries": libraries,
+            "compile": warm_compile,
+            **{k: v * 1e3 for k, v in med.items()},
+        }
+        rows.append(row)
+        print(format_row(row), flush=True)
     return rows
 
 
 HEADER = (
-    f"{'model':<13}{'b':>3}{'thr':>4}{'torch ms':>10}{'ort ms':>9}{'numba ms':>10}"
+    f"{'model':<19}{'b':>3}{'thr':>4}{'torch ms':>10}{'ort ms':>9}{'numba ms':>10}"
     f"{'nb/torch':>9}{'nb/ort':>8}   {'% of peak SGEMM: torch/ort/numba':<34}"
 )
 
@@ -209,7 +230,7 @@ HEADER = (
 def format_row(r: dict) -> str:
     frac = "/".join(f"{100 * r['gflop'] / (r[k] / 1e3) / r['peak']:.0f}" for k in BACKENDS)
     return (
-        f"{r['model']:<13}{r['batch']:>3}{r['threads']:>4}{r['torch']:>10.2f}{r['ort']:>9.2f}"
+        f"{r['model']:<19}{r['batch']:>3}{r['threads']:>4}{r['torch']:>10.2f}{r['ort']:>9.2f}"
         f"{r['numba']:>10.2f}{r['numba'] / r['torch']:>9.2f}{r['numba'] / r['ort']:>8.2f}"
         f"   {frac:<34}"
     )
@@ -220,22 +241,30 @@ def summary(rows: list[dict]) -> str:
     vs_torch = [r["numba"] / r["torch"] for r in rows]
     jit = [r["jit"] for r in rows if r["jit"] == r["jit"]]
     cached = [r["cached"] for r in rows if r["cached"] == r["cached"]]
+    own = [r["cached"] - r["libraries"] for r in rows if r["cached"] == r["cached"]]
+    target = [f"{r['model']} {r['numba'] / r['ort']:.2f}" for r in rows
+              if r["batch"] == 1 and r["threads"] == 2]
+    slower = sum(r["numba"] > r["torch"] for r in rows)
     return (
         f"summary: numba takes {statistics.median(vs_ort):.2f}x ORT's time "
         f"({min(vs_ort):.2f}-{max(vs_ort):.2f}) and {statistics.median(vs_torch):.2f}x torch "
-        f"eager's ({min(vs_torch):.2f}-{max(vs_torch):.2f}) over {len(rows)} configurations; "
-        f"package load {statistics.median(jit):.1f} s with JIT, "
-        f"{statistics.median(cached):.1f} s cached"
+        f"eager's ({min(vs_torch):.2f}-{max(vs_torch):.2f}) over {len(rows)} configurations, "
+        f"slower than torch in {slower}; numba/ORT at batch 1, 2 threads: "
+        f"{', '.join(target) or 'not run'}; package load {statistics.median(jit):.1f} s with JIT, "
+        f"{statistics.median(cached):.2f} s cached ({statistics.median(own):.2f} s past importing "
+        f"numpy and numba)"
     )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet18,mobilenet_v2,resnet56")
+    ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,resnet56")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--size", type=int, default=224, help="input size of torchvision models")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--prune", type=float, default=0.5,
+                    help="also run each model pruned to this fraction of its MACs (0: off)")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -256,9 +285,10 @@ def main() -> int:
     for r in rows:
         if r["jit"] == r["jit"] and r["threads"] == args.threads[0]:
             print(
-                f"{r['model']:<13} batch {r['batch']}: {r['gflop']:.2f} GFLOP, in-process "
+                f"{r['model']:<19} batch {r['batch']}: {r['gflop']:.2f} GFLOP, in-process "
                 f"compile {r['compile']:.1f} s, package JIT {r['jit']:.1f} s, "
-                f"cached {r['cached']:.1f} s"
+                f"cached {r['cached']:.2f} s ({r['libraries']:.2f} s of it importing numpy "
+                f"and numba)"
             )
     print(summary(rows))
     return 0
