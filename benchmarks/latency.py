@@ -11,8 +11,8 @@ fraction of it. The numba package is also saved and loaded in fresh processes: t
 the kernels (JIT), the second loads them from numba's cache (its time is split into importing
 numpy and numba, which every numba program pays, and the package's own import, load and first run).
 All models use random weights and the ``fuse`` preset; with ``--prune F`` each model is also run
-pruned by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths rounded to 8), where
-torch eager is the pruned model's torch module (``backends/torch_backend.py``).
+pruned by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths
+rounded to 8), where torch eager is the pruned model's torch module (``backends/torch_backend.py``).
 """
 
 from __future__ import annotations
