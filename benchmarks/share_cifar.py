@@ -85,7 +85,7 @@ def numba_modes(dense, repeats: int) -> dict[str, tuple[float, int]]:
             times[mode].append(time.perf_counter() - t)
     out = {}
     for mode, m in models.items():
-        resident = sum(v.nbytes for v in m.model.w.values()) + m.peak_bytes
+        resident = sum(v.nbytes for v in m.model.w.values() if v is not None) + m.peak_bytes
         out[mode] = (1000 * statistics.median(times[mode]), resident)
     return out
 

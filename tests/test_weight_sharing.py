@@ -251,6 +251,8 @@ def test_onnx_file_shrinks_and_numba_package_stays_packed(tmp_path):
     for _ in range(2):  # the second call reuses the packed weight
         assert deviation([want], load_numba(path).run(xs)) < 1e-5
         assert deviation([want], model.run(xs)) < 1e-5
+    # once packed, the decoded weight (read by this conv alone) is not kept resident
+    assert model.model.w["_decoded.w.shared"] is None and "_packed.w.shared" in model.model.w
 
 
 def test_fold_constants_leaves_the_lookup_alone():
