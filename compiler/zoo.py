@@ -310,11 +310,12 @@ def check_pruning(name: str, configs: tuple[str, ...] = tuple(PRUNE_CONFIGS)) ->
 def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) -> dict:
     """Factorize a fused graph twice: at full rank in the channel form (forced even where MACs
     grow), which must match the graph within ``tolerance``, and at an ``energy`` threshold with
-    ``form="auto"``, which must lower MACs and run in torch and ONNX Runtime matching the
+    ``form="auto"``, which must lower MACs and run in torch, ONNX Runtime and numba matching the
     interpreter. ``factorized`` is True when all of that holds (or the model has no conv2d/linear
     layer to factorize, counted as ``applicable: False``)."""
     import torch
 
+    from backends.numba_backend import compile_numba
     from backends.onnx_backend import compile_onnx
     from backends.torch_backend import compile_torch
     from compiler.interpreter import run
@@ -338,7 +339,12 @@ def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) 
         with torch.no_grad():
             t_out = [compile_torch(low)(torch.from_numpy(x)).numpy()]
         o_out = compile_onnx(low).run(x)
-        r["backend_deviation"] = max(deviation(ref, t_out), deviation(ref, o_out))
+        n_out = compile_numba(low).run(x)
+        r["backend_deviations"] = {
+            "torch": deviation(ref, t_out), "onnx": deviation(ref, o_out),
+            "numba": deviation(ref, n_out),
+        }
+        r["backend_deviation"] = max(r["backend_deviations"].values())
         lowered = r["layers"] > 0 and r["macs"] < 1
         r["factorized"] = bool(
             r["full_rank_deviation"] <= tolerance

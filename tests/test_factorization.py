@@ -336,6 +336,7 @@ def test_prune_then_factorize():
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_factorized_model_runs_in_backends(fuse):
+    from backends.numba_backend import compile_numba
     from backends.onnx_backend import compile_onnx
     from backends.torch_backend import compile_torch
 
@@ -346,6 +347,7 @@ def test_factorized_model_runs_in_backends(fuse):
     with torch.no_grad():
         assert deviation(ref, [compile_torch(g)(torch.from_numpy(x)).numpy()]) <= 1e-4
     assert deviation(ref, compile_onnx(g).run(x)) <= 1e-4
+    assert deviation(ref, compile_numba(g).run(x)) <= 1e-4
 
 
 def test_pass_spec_through_compile():
@@ -380,8 +382,8 @@ def test_bad_options_have_clear_errors():
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["squeezenet1_0", "mobilenet_v3_small"])
 def test_zoo_models_factorize_and_run(name):
-    """Full rank matches the fused model; at energy 0.6 MACs drop and torch and ONNX Runtime match
-    the interpreter (all 80: `python benchmarks/zoo.py --checks factorized`)."""
+    """Full rank matches the fused model; at energy 0.6 MACs drop and torch, ONNX Runtime and numba
+    match the interpreter (all 80: `python benchmarks/zoo.py --checks factorized`)."""
     from compiler.zoo import check_model
 
     result = check_model(name, checks=("factorized",))
@@ -389,6 +391,7 @@ def test_zoo_models_factorize_and_run(name):
     assert "error" not in result and "error" not in r, result
     assert r["factorized"] and r["applicable"] and r["layers"] > 10, r
     assert r["full_rank_deviation"] <= 1e-4 and r["backend_deviation"] <= 1e-4
+    assert set(r["backend_deviations"]) == {"torch", "onnx", "numba"}
     assert r["macs"] < 0.8
 
 
