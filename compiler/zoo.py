@@ -197,6 +197,13 @@ def check_model(
                 result["deviation"][check] = r.get("full_rank_deviation", float("inf"))
                 result[check] = r["factorized"]
                 continue
+            elif check == "factorized-numba":
+                r = check_factorized_numba(graph, x.numpy(), tolerance)
+                result["factorized-numba"] = r["matches"]
+                result["deviation"][check] = r.get("deviation", float("inf"))
+                if "error" in r:
+                    result.setdefault("error", f"factorized-numba: {r['error']}")
+                continue
             elif check == "quantized":
                 r = check_quantization(graph, x.numpy())
                 result["quantization"] = r
@@ -351,6 +358,32 @@ def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) 
             and r["backend_deviation"] <= tolerance
             and (lowered or not r["applicable"])
         )
+    except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
+        r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return r
+
+
+def check_factorized_numba(graph, x, tolerance: float = 1e-4, energy: float = 0.6) -> dict:
+    """The numba backend on the graph factorized as in :func:`check_factorization` (energy
+    threshold, ``form="auto"``), against the torch backend on the same graph: the light form of
+    that check's numba leg, for a zoo run whose interpreter legs were run before (the torch
+    backend is checked against the interpreter there)."""
+    import torch
+
+    from backends.numba_backend import compile_numba
+    from backends.torch_backend import compile_torch
+    from compiler.pass_manager import PassManager, deviation
+    from passes.factorization import FactorizeRank
+
+    r: dict = {"matches": False}
+    try:
+        low = graph.clone()
+        PassManager(passes=[FactorizeRank(energy=energy)], example_inputs=None).run(low)
+        r["layers"] = len(low.meta["factorization"]["layers"])
+        with torch.no_grad():
+            ref = [compile_torch(low)(torch.from_numpy(x)).numpy()]
+        r["deviation"] = deviation(ref, compile_numba(low).run(x))
+        r["matches"] = bool(r["layers"] > 0 and r["deviation"] <= tolerance)
     except Exception as e:  # noqa: BLE001 - a zoo run reports every failure and goes on
         r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     return r

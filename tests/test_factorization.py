@@ -404,3 +404,13 @@ def test_compile_hands_calibration_data_to_the_pass():
     plain = factorize(g, target=0.6)
     assert via_compile.meta["factorization"] == direct.meta["factorization"]
     assert via_compile.meta["factorization"] != plain.meta["factorization"]
+
+
+@pytest.mark.zoo
+def test_zoo_factorized_numba_check():
+    """The zoo's light numba leg of the factorized check (`--checks factorized-numba`)."""
+    from compiler.zoo import check_model
+
+    result = check_model("squeezenet1_0", checks=("factorized-numba",))
+    assert "error" not in result, result
+    assert result["factorized-numba"] and result["deviation"]["factorized-numba"] <= 1e-4
