@@ -8,13 +8,17 @@ subtract the zero point and multiply by the scale, reshape back. ``bits=4`` adds
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from backends.onnx_emitters import OnnxBuilder, Tensor
-from compiler.ir import Node
 from compiler.ops.quant import quant_range
+
+if TYPE_CHECKING:  # onnx_emitters imports this module to register the emitters
+    from backends.onnx_emitters import OnnxBuilder, Tensor
+    from compiler.ir import Node
 
 
 def _axis(node: Node) -> int:
@@ -118,6 +122,13 @@ QUANT_EMITTERS = {
     "quantize_linear": emit_quantize_linear,
     "dequantize_linear": emit_dequantize_linear,
 }
+
+
+def is_integer_kernel(op_type: str) -> bool:
+    """Whether an ONNX Runtime kernel type computes in integers: QLinearConv, QLinearAdd and the
+    other QLinear* kernels, QGemm, and the *Integer* ones (ConvInteger, MatMulInteger,
+    MatMulIntegerToFloat: the int8 matmul ORT fuses for a quantized 3-D linear)."""
+    return op_type.startswith("QLinear") or op_type == "QGemm" or "Integer" in op_type
 
 
 def kernel_profile(model: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 5,

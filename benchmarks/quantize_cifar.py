@@ -27,13 +27,10 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from backends.onnx_backend import OnnxModel, compile_onnx  # noqa: E402
-from backends.onnx_quant import kernel_profile  # noqa: E402
+from backends.onnx_quant import is_integer_kernel, kernel_profile  # noqa: E402
 from compiler import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from passes.quantization import Quantize  # noqa: E402
-
-INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool",
-                   "ConvInteger", "MatMulInteger", "QLinearMatMul")
 
 
 def ort_quantize_static(fp32: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelProto:
@@ -106,7 +103,7 @@ def numba_latencies(graphs: dict, repeats: int) -> dict[str, float]:
 def integer_share(model: onnx.ModelProto) -> float:
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     kernels = kernel_profile(model, [x], runs=20)
-    return sum(v for k, v in kernels.items() if k in INTEGER_KERNELS) / sum(kernels.values())
+    return sum(v for k, v in kernels.items() if is_integer_kernel(k)) / sum(kernels.values())
 
 
 def add_then_quantized(rows: dict, name: str, graph, calib, x_dev, y_dev) -> None:

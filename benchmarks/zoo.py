@@ -56,13 +56,15 @@ def quantization_summary(rows: list[dict]) -> str:
     """Which integer kernels ORT ran, the share of its time in them, and the int8 deviation."""
     import statistics
 
-    integer = [r for r in rows if any(k.startswith("QLinear") or k == "QGemm"
-                                      for k in r.get("kernels", ()))]
+    from backends.onnx_quant import is_integer_kernel
+
+    integer = [r for r in rows if any(is_integer_kernel(k) for k in r.get("kernels", ()))]
     shares = [r["integer_share"] for r in rows if "integer_share" in r]
     devs = [r["deviation"] for r in rows]
-    return (f"quantized: {len(integer)}/{len(rows)} ran QLinearConv/QGemm/QLinear* kernels, "
-            f"median {statistics.median(shares):.2f} of ORT's kernel time in them; deviation "
-            f"from the float graph median {statistics.median(devs):.3f} (max {max(devs):.3f})")
+    return (f"quantized: {len(integer)}/{len(rows)} ran integer kernels (QLinear*, QGemm, "
+            f"*Integer*), median {statistics.median(shares):.2f} of ORT's kernel time in them; "
+            f"deviation from the float graph median {statistics.median(devs):.3f} "
+            f"(max {max(devs):.3f})")
 
 
 def main() -> int:

@@ -434,7 +434,7 @@ def check_quantization(graph, x, samples: int = 4) -> dict:
     import numpy as np
 
     from backends.onnx_backend import compile_onnx
-    from backends.onnx_quant import kernel_profile
+    from backends.onnx_quant import is_integer_kernel, kernel_profile
     from compiler.interpreter import run
     from compiler.pass_manager import PassManager, deviation
     from passes.quantization import Quantize
@@ -453,7 +453,7 @@ def check_quantization(graph, x, samples: int = 4) -> dict:
         r["deviation"] = deviation(run(graph, [x])[:1], [out])
         r["backend_deviation"] = deviation(run(q, [x])[:1], [out])
         kernels = kernel_profile(model.model, [x], runs=3)  # the first run prepacks weights
-        integer = sum(v for k, v in kernels.items() if k.startswith("QLinear") or k == "QGemm")
+        integer = sum(v for k, v in kernels.items() if is_integer_kernel(k))
         r["integer_share"] = integer / max(sum(kernels.values()), 1e-9)
         r["kernels"] = sorted(kernels)  # which kernel types ran: a fact, unlike the time share
         r["quantized"] = bool(np.isfinite(out).all() and r["layers"] > 0)

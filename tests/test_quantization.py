@@ -676,3 +676,12 @@ def test_a_bias_large_next_to_tiny_activations_fits_int32_by_coarser_weights():
     assert deviation([want], [sim]) < 0.01
     (ort,) = compile_onnx(q).run(x)
     assert deviation([sim], [ort]) < 1e-3
+
+
+def test_integer_kernel_types_include_the_int8_matmuls():
+    from backends.onnx_quant import is_integer_kernel
+
+    for op in ("QLinearConv", "QLinearAdd", "QGemm", "MatMulIntegerToFloat", "ConvInteger"):
+        assert is_integer_kernel(op), op
+    for op in ("Conv", "MatMul", "Gemm", "DequantizeLinear", "QuantizeLinear"):
+        assert not is_integer_kernel(op), op
