@@ -210,15 +210,14 @@ def _conv2d(gen: Codegen, node: Node) -> None:
 
         packed = gen.weight(pack_weight(w.data, groups), f"{w.name}_packed")
     elif _shared_f32_conv(node):
-        # a shared weight decoded at load: packed once, on the first call, beside the decoded one
-        # (compile-time packing would store the dense weight in weights.npz)
-        # packed once, on the first call; a decoded weight only this conv reads is then dropped,
-        # so resident memory holds the packed copy alone (its codebook_lookup skips a decoded
-        # entry that is present, even as None)
+        # a shared weight decoded at load: packed once, on the first call (compile-time packing
+        # would store the dense weight in weights.npz); a decoded weight only this conv reads is
+        # then dropped, so resident memory holds the packed copy alone (its codebook_lookup skips
+        # a decoded entry that is present, even as None)
         packed = f'w["_packed.{w.name}"]'
         decoded = gen.arg(w)
-        drop = f"; {decoded} = None" if len(w.uses) == 1 and decoded.startswith('w["_decoded.') \
-            and not any(v is w for v in gen.graph.outputs) else ""
+        only_reader = len(w.uses) == 1 and not any(v is w for v in gen.graph.outputs)
+        drop = f"; {decoded} = None" if only_reader and decoded.startswith('w["_decoded.') else ""
         gen.emit(f'if "_packed.{w.name}" not in w: '
                  f"{packed} = KC.pack_weight({decoded}, {groups}){drop}")
 
