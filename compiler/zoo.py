@@ -70,11 +70,12 @@ def input_dependence(model, size: int, seed: int = 1) -> float:
     """max |f(x1) - f(x2)| / max |f(x1)| for two random inputs (0 for a constant output)."""
     import torch
 
+    from compiler.pass_manager import deviation
+
     g = torch.Generator().manual_seed(seed)
     x1, x2 = (torch.randn(1, 3, size, size, generator=g) for _ in range(2))
     with torch.no_grad():
-        y1, y2 = model(x1), model(x2)
-    return float((y1 - y2).abs().max() / y1.abs().max().clamp_min(1e-30))
+        return deviation([model(x1).numpy()], [model(x2).numpy()])
 
 
 def recalibrate_batch_norms(model, size: int, seed: int = 0, batch: int = 8) -> None:
@@ -241,14 +242,15 @@ def float32_noise(model, x, reference) -> float:
     models can amplify rounding: Inception-v3's is 6e-5, ResNet-50's 6e-7."""
     import copy
 
-    import numpy as np
     import torch
+
+    from compiler.pass_manager import deviation
 
     if sum(p.numel() for p in model.parameters()) > NOISE_MAX_PARAMS:
         return 0.0
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double()).numpy()
-    return float(np.abs(reference - exact).max() / max(np.abs(exact).max(), 1e-30))
+    return deviation([exact], [reference])
 
 
 PRUNE_CONFIGS = {
