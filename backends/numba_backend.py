@@ -100,6 +100,7 @@ class Codegen:
     view_of: dict[int, int] = field(default_factory=dict)
     node: Node | None = None
     temps: list[int] = field(default_factory=list)
+    derived_exprs: dict[str, str] = field(default_factory=dict)
 
     # -- values ----------------------------------------------------------------------------
     def arg(self, value: Value | None, shape: tuple[int, ...] | None = None) -> str:
@@ -113,10 +114,11 @@ class Codegen:
         expr = self.exprs[id(value)]
         return expr if shape is None or tuple(shape) == value.shape else f"{expr}.reshape({shape})"
 
-    def touch(self, index: int) -> None:
+    def touch(self, index: int, line: int | None = None) -> None:
+        """Keep view ``index`` alive through ``line`` (default: the line being emitted)."""
         view = self.views[index]
         root = self.views[view.root] if view.root is not None else view
-        root.last = max(root.last, len(self.lines))
+        root.last = max(root.last, len(self.lines) if line is None else line)
 
     def out(self, value: Value, shape: tuple[int, ...] | None = None) -> str:
         """Expression of the preallocated buffer for node output ``value``."""
@@ -155,6 +157,14 @@ class Codegen:
             name, i = f"{base}_{i}", i + 1
         self.weights[name] = np.array(array, copy=True, order="C")
         return f'w["{name}"]'
+
+    def derived(self, key: str, expr: str) -> str:
+        """A constant the generated ``prepare(w)`` computes from ``expr`` (which may read other
+        weights) once, when the model is constructed: per-layer tables such as a conv's tap
+        offsets, cheap to compute and not worth bytes in weights.npz. Equal keys are computed
+        once (layers of one geometry share their tables)."""
+        self.derived_exprs.setdefault(key, expr)
+        return f'w["{key}"]'
 
     def none(self, ndim: int, dtype: str) -> str:
         """An empty array standing for an absent optional input (one compiled signature)."""
@@ -205,9 +215,14 @@ def generate(graph: Graph) -> Codegen:
             raise BackendError(
                 f"numba emitter failed: {e}", node=node.name, op=node.op, source=node.source
             ) from e
+        # scratch buffers, and the node's inputs, live through all of the node's lines (an
+        # emitter may read an input before emitting a preparatory line, such as packing)
         for index in gen.temps:
             gen.views[index].last = len(gen.lines) - 1
         gen.temps = []
+        for value in node.inputs:
+            if value is not None and id(value) in gen.view_of:
+                gen.touch(gen.view_of[id(value)], len(gen.lines) - 1)
         comment = f"  # {_signature(node)}"
         if len(gen.lines) == start:
             gen.emit(f"#{comment[3:]} (a view, no copy)")
@@ -332,7 +347,10 @@ def render(graph: Graph, gen: Codegen, slots: list[int]) -> str:
     params = "".join(f", x{i}" for i in range(len(graph.inputs)))
     body = "\n".join(f"    {line}" for line in gen.lines)
     forward = f"\n\ndef forward(w, b, nt{params}):\n{body}\n"
-    return header + forward + LOADER
+    tables = "".join(f'\n    w["{k}"] = {e}' for k, e in gen.derived_exprs.items()) or "\n    pass"
+    prepare = (f'\n\ndef prepare(w):\n    """Add the derived constants to the weights w (once, at '
+               f'construction)."""{tables}\n')
+    return header + prepare + forward + LOADER
 
 
 class NumbaModel:

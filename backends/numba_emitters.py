@@ -203,7 +203,6 @@ def _conv2d(gen: Codegen, node: Node) -> None:
     (sh, sw), (ph, pw), (dh, dw), groups = a["stride"], a["padding"], a["dilation"], a["groups"]
     o, _, kh, kw = w.shape
     depthwise = is_depthwise(node)
-    xa = gen.arg(x)
     packed = None
     if uses_f32_conv(node):
         from backends.numba_kernels_f32 import pack_weight
@@ -221,11 +220,20 @@ def _conv2d(gen: Codegen, node: Node) -> None:
         gen.emit(f'if "_packed.{w.name}" not in w: '
                  f"{packed} = KC.pack_weight({decoded}, {groups}){drop}")
 
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    planned = packed is not None and (b is None or b.is_constant)
+
     def core(bias, res, act):
+        # read x on the kernel's own line, after any packing lines above: its buffer must stay
+        # alive through this line (the output and the padded input are born here)
+        xa = gen.arg(x)
         out = gen.out(y)
         geom = (sh, sw, ph, pw, dh, dw)
         if depthwise:
             gen.call("KC.conv2d_depthwise", xa, gen.arg(w), bias, res, out, *geom, *act, "nt")
+        elif planned:
+            gen.call("KC.conv2d_planned", xa, *conv_plan(gen, node, packed, bias), res, out,
+                     ph, pw, groups, *act, "nt")
         elif packed is not None:
             args = (xa, packed, bias, res, out, kh, kw, *geom, groups, *act, "nt")
             gen.call("KC.conv2d_packed", *args)
@@ -237,6 +245,27 @@ def _conv2d(gen: Codegen, node: Node) -> None:
         unfused_epilogue(gen, node, lambda bias, out, act: core(bias, gen.none(4, x.dtype), act))
     else:
         core(fused[0], fused[1], fused[2:])
+
+
+def conv_plan(gen: Codegen, node: Node, packed: str, bias: str) -> tuple[str, ...]:
+    """(padded-input buffer, packed weight, bias, bases, offs) arguments of KC.conv2d_planned:
+    the padded input is an arena buffer, reused by liveness like any other; the bias padded to
+    16 lanes and the geometry tables are computed once, when the model is constructed
+    (``prepare``), the tables once per distinct geometry."""
+    from backends.numba_kernels_f32 import conv_geometry
+
+    x, w = node.inputs[0], node.inputs[1]
+    a = node.attrs
+    o, _, kh, kw = w.shape
+    base_args, offs_args, padded = conv_geometry(x.shape, o, kh, kw, a["stride"], a["padding"],
+                                                 a["dilation"], a["groups"])
+    xp = gen.temp((padded,), "float32") if padded else gen.none(1, "float32")
+    bases = "x".join(map(str, base_args))
+    offs = "x".join(map(str, offs_args))
+    return (xp, packed,
+            gen.derived(f"_bias16.{node.name}", f"KC.pack_bias({bias}, {o}, {a['groups']})"),
+            gen.derived(f"_bases.{bases}", f"KC.pixel_bases{base_args}"),
+            gen.derived(f"_offs.{offs}", f"KC.tap_offsets{offs_args}"))
 
 
 def uses_f32_conv(node: Node) -> bool:

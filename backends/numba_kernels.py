@@ -24,8 +24,14 @@ import os
 import numba
 from numba import njit
 
-# numba re-reads its config from the environment when it compiles, so set the variable too.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+# numba re-reads its config from the environment when it compiles, so set the variables too.
+# OpenMP first: its workers spin briefly between parallel regions, so entering one costs ~3.5 us;
+# workqueue's sleeping workers cost ~95 us per region on these machines (shared/PERF_NOTES.md),
+# as much as a whole small layer. workqueue (always built) is the fallback when no OpenMP runtime
+# (libgomp) is installed.
+os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
+os.environ.setdefault("NUMBA_THREADING_LAYER", "default")
+numba.config.THREADING_LAYER_PRIORITY = os.environ["NUMBA_THREADING_LAYER_PRIORITY"].split()
 numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
 
 # Activation and unary-math codes; the generated code passes them with two float parameters

@@ -1,7 +1,7 @@
 """Numba kernels for the heavy ops: conv2d (tiled im2col + BLAS; depthwise direct, on an AVX-512
 plane kernel written as LLVM IR; float32 with constant weights runs on the implicit GEMM of
-numba_kernels_f32, re-exported here as ``conv2d_packed``), linear, batched matmul, attention and
-pooling. Saved packages get a copy as ``kernels_conv.py``.
+numba_kernels_f32, re-exported here as ``conv2d_packed`` / ``conv2d_planned``), linear, batched
+matmul, attention and pooling. Saved packages get a copy as ``kernels_conv.py``.
 
 Every GEMM is ``np.dot`` (single-threaded BLAS) on a tile, called from a ``prange`` over tiles, so
 packing, the GEMM and the fused epilogue ``act(y + bias + residual)`` of one tile run on one thread
@@ -22,7 +22,11 @@ from numba.extending import intrinsic
 from .numba_kernels import CLIP, NONE, RELU, act_inplace, finish_row, softmax_rows
 from .numba_kernels_f32 import (  # noqa: F401  (called by the generated code as KC.)
     conv2d_packed,
+    conv2d_planned,
+    pack_bias,
     pack_weight,
+    pixel_bases,
+    tap_offsets,
 )
 
 # Target size (elements) of one im2col tile: a few hundred KiB, so the tile and its GEMM output

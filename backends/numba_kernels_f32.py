@@ -14,6 +14,7 @@ time (:func:`pack_weight`) as ``(groups * O16 / 16, K, 16)``, O padded to 16 per
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -29,7 +30,7 @@ MAX_ROWS = 8
 LANES = 16  # output channels per micro-kernel call: one zmm of float32
 # MACs a layer needs per thread before it is split among threads: ~80 us of work, more than
 # entering a parallel region costs (the int8 kernels measured ~50 us on the shared 2 cores).
-PAR_MACS = 1 << 22
+PAR_MACS = 1 << 19
 
 
 def _transpose_masks(rows: int) -> tuple[list, list]:
@@ -209,7 +210,7 @@ def pack_weight(w: np.ndarray, groups: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def _offsets(cg, kh, kw, dh, dw, hp, wp):
+def tap_offsets(cg, kh, kw, dh, dw, hp, wp):
     """offs[(c * kh + ki) * kw + kj] = offset of tap (c, ki, kj) in a group's padded planes."""
     offs = np.empty(cg * kh * kw, np.intp)
     for c in range(cg):
@@ -220,7 +221,7 @@ def _offsets(cg, kh, kw, dh, dw, hp, wp):
 
 
 @njit(cache=True)
-def _bases(oh, ow, sh, sw, wp):
+def pixel_bases(oh, ow, sh, sw, wp):
     """bases[p] = padded-plane offset of output pixel p = (oy, ox); MAX_ROWS zeros after the last,
     for the lanes of a last, partial tile (they read a valid address, their result is dropped)."""
     bases = np.zeros(oh * ow + MAX_ROWS, np.intp)
@@ -228,29 +229,6 @@ def _bases(oh, ow, sh, sw, wp):
         for ox in range(ow):
             bases[oy * ow + ox] = oy * sh * wp + ox * sw
     return bases
-
-
-@njit(cache=True)
-def _pad_planes(x, ph, pw):
-    """The planes of ``x`` zero-padded by (ph, pw), flat; ``x`` itself when there is no padding."""
-    n, c, h, w = x.shape
-    if ph == 0 and pw == 0:
-        return x.reshape(-1)
-    hp, wp = h + 2 * ph, w + 2 * pw
-    xp = np.empty(n * c * hp * wp, x.dtype)
-    for t in range(n * c):
-        plane = xp[t * hp * wp : (t + 1) * hp * wp]
-        plane[: ph * wp] = 0.0
-        plane[(ph + h) * wp :] = 0.0
-        src = x[t // c, t % c]
-        for y in range(h):
-            row = plane[(ph + y) * wp : (ph + y + 1) * wp]
-            row[:pw] = 0.0
-            row[pw + w :] = 0.0
-            s = src[y]
-            for j in range(w):
-                row[pw + j] = s[j]
-    return xp
 
 
 @njit(cache=True)
@@ -315,25 +293,74 @@ def _conv_parallel(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, a
                     ch * total // chunks, (ch + 1) * total // chunks)
 
 
+def conv_geometry(xshape, o, kh, kw, stride, padding, dilation, groups):
+    """The per-layer constants of :func:`conv2d_planned` for a conv on input ``xshape``:
+    ``(pixel_bases args, tap_offsets args, padded input size)``. The generated code computes
+    the two arrays once, when the model is constructed (per call they cost ~3 us of a ~25 us
+    layer); they are not stored in weights.npz."""
+    n, c, h, w = xshape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    return ((oh, ow, sh, sw, wp), (c // groups, kh, kw, dh, dw, hp, wp),
+            n * c * hp * wp if ph or pw else 0)
+
+
+def pack_bias(b, o: int, groups: int) -> np.ndarray:
+    """Bias (O,) or None -> float32 padded like :func:`pack_weight`'s output channels."""
+    og = o // groups
+    o16 = -(-og // LANES) * LANES
+    out = np.zeros((groups, o16), np.float32)
+    if b is not None and np.size(b):
+        out[:, :og] = np.asarray(b, np.float32).reshape(groups, og)
+    return out.reshape(-1)
+
+
 @njit(cache=True)
-def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, act, alo, ahi,
-                  nthreads):
-    """float32 conv2d (NCHW; any stride, padding, dilation, groups) with weights packed by
-    :func:`pack_weight`, fused ``act(y + b + res)``; ``b`` (O,) and ``res`` (like ``out``) may have
-    size 0. Tasks of (image, 16 output channels, block of output pixels) are shared among
-    ``nthreads``; a layer too small to be worth a parallel region runs on the calling thread."""
+def _pad_into(x, ph, pw, xp):
+    """Write the planes of ``x`` zero-padded by (ph, pw) into flat ``xp``, borders included (``xp``
+    is an arena buffer other layers wrote). Unsigned indices: signed ones keep numba's
+    negative-index wraparound, which stops LLVM vectorising the copy (a view per row, or signed
+    indices, took 10-20 us on a 16x32x32 input, a quarter of its conv; this takes ~3)."""
+    n, c, h, w = x.shape
+    xf = x.reshape(-1)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    width, top, side = numba.uint64(w), numba.uint64(ph * wp), numba.uint64(pw)
+    for t in range(n * c):
+        p0 = numba.uint64(t * hp * wp)
+        p1 = numba.uint64(t * hp * wp + (ph + h) * wp)
+        for i in range(top):
+            xp[p0 + i] = 0.0
+            xp[p1 + i] = 0.0
+        for y in range(h):
+            d = numba.uint64(t * hp * wp + (ph + y) * wp)
+            s = numba.uint64((t * h + y) * w)
+            for j in range(side):
+                xp[d + j] = 0.0
+                xp[d + side + width + j] = 0.0
+            d += side
+            for j in range(width):
+                xp[d + j] = xf[s + j]
+
+
+@njit(cache=True)
+def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, ph, pw, groups, act, alo, ahi,
+                   nthreads):
+    """:func:`conv2d_packed` with its per-layer constants given: ``xp`` a buffer for the padded
+    input (size 0 without padding), ``bias`` from :func:`pack_bias`, ``bases``/``offs`` from
+    :func:`pixel_bases` / :func:`tap_offsets` with :func:`conv_geometry`'s arguments. What the
+    generated code calls."""
     n_img, c, h, w = x.shape
     o, oh, ow = out.shape[1], out.shape[2], out.shape[3]
-    cg, og = c // groups, o // groups
+    cg = c // groups
     hp, wp = h + 2 * ph, w + 2 * pw
     nbg = packed.shape[0] // groups
-    xp = _pad_planes(x, ph, pw)
-    bases = _bases(oh, ow, sh, sw, wp)
-    offs = _offsets(cg, kh, kw, dh, dw, hp, wp)
-    bias = np.zeros(packed.shape[0] * LANES, np.float32)
-    if b.shape[0] > 0:
-        for g in range(groups):
-            bias[g * nbg * LANES : g * nbg * LANES + og] = b[g * og : (g + 1) * og]
+    if ph or pw:
+        _pad_into(x, ph, pw, xp)
+        src = xp
+    else:
+        src = x.reshape(-1)
     # clamps run in the micro-kernel; any other activation afterwards, on the written rows
     lo = np.float32(alo if act == CLIP else 0.0 if act == RELU else -np.inf)
     hi = np.float32(ahi if act == CLIP else np.inf)
@@ -353,8 +380,32 @@ def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups
     outf = out.reshape(n_img, o, npix)
     resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
     if chunks == 1:
-        _conv_tasks(xp, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi, 0,
+        _conv_tasks(src, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi, 0,
                     total)
     else:
-        _conv_parallel(xp, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi,
+        _conv_parallel(src, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi,
                        total, min(chunks, total))
+
+
+@njit(cache=True)
+def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, act, alo, ahi,
+                  nthreads):
+    """float32 conv2d (NCHW; any stride, padding, dilation, groups) with weights packed by
+    :func:`pack_weight`, fused ``act(y + b + res)``; ``b`` (O,) and ``res`` (like ``out``) may have
+    size 0. Tasks of (image, 16 output channels, block of output pixels) are shared among
+    ``nthreads``; a layer too small to be worth a parallel region runs on the calling thread.
+    Computes its per-layer constants on each call (:func:`conv2d_planned` takes them given)."""
+    n_img, c, h, w = x.shape
+    o, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    og = o // groups
+    hp, wp = h + 2 * ph, w + 2 * pw
+    nbg = packed.shape[0] // groups
+    bases = pixel_bases(oh, ow, sh, sw, wp)
+    offs = tap_offsets(c // groups, kh, kw, dh, dw, hp, wp)
+    bias = np.zeros(packed.shape[0] * LANES, np.float32)
+    if b.shape[0] > 0:
+        for g in range(groups):
+            bias[g * nbg * LANES : g * nbg * LANES + og] = b[g * og : (g + 1) * og]
+    xp = np.empty(n_img * c * hp * wp if ph or pw else 0, np.float32)
+    conv2d_planned(x, xp, packed, bias, bases, offs, res, out, ph, pw, groups, act, alo, ahi,
+                   nthreads)

@@ -1,7 +1,8 @@
 """Runtime of a generated numba model: input checks, the buffer arena, run() and load().
 
 Needs only numpy and numba: a saved package gets a copy as ``runtime.py``. A generated module
-(``model.py``) provides ``INPUTS``, ``OUTPUTS``, ``SLOTS``, ``VIEWS`` and ``forward``.
+(``model.py``) provides ``INPUTS``, ``OUTPUTS``, ``SLOTS``, ``VIEWS``, ``prepare`` and
+``forward``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class Model:
     def __init__(self, spec, weights: dict[str, np.ndarray]) -> None:
         self.spec = spec
         self.w = {k: np.require(v, requirements=("C", "W")) for k, v in weights.items()}
+        if hasattr(spec, "prepare"):  # derived tables (a conv's tap offsets), not saved
+            spec.prepare(self.w)
         self.arena = [_aligned(n) for n in spec.SLOTS]
         self.b = [
             self.arena[slot][: _nbytes(shape, dtype)].view(dtype).reshape(shape)

@@ -394,8 +394,10 @@ def chain_graph(depth: int = 6) -> Graph:
 def test_buffers_are_reused_and_results_stay_right():
     g = chain_graph()
     model = assert_matches(g, randn(1, 8, 12, 12))
-    one = 8 * 12 * 12 * 4
-    assert model.peak_bytes <= 3 * one  # 10 intermediate values of this size, at most 3 alive
+    one, padded = 8 * 12 * 12 * 4, 8 * 14 * 14 * 4
+    # 10 intermediate values of this size, at most 3 alive, and 6 zero-padded conv inputs (the
+    # micro-kernel's scratch), one alive at a time
+    assert model.peak_bytes <= 3 * one + padded
     assert "Activation memory" in model.source
     x = randn(1, 8, 12, 12)
     first = model.run(x)[0]
@@ -407,7 +409,7 @@ def test_source_has_one_kernel_line_per_node():
     g = chain_graph(2)
     body = compile_numba(g).source.split("def forward")[1].split("def load")[0]
     calls = [line for line in body.splitlines() if "= conv2d(" in line or "= add(" in line]
-    assert len(calls) == 3 and all("KC.conv2d_packed(" in c or "K.binary(" in c for c in calls)
+    assert len(calls) == 3 and all("KC.conv2d_planned(" in c or "K.binary(" in c for c in calls)
 
 
 # -- saved packages --------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def randn(*shape):
 
 def check_conv(xshape, o, k, stride, padding, dilation, groups, bias, residual, epilogue,
                nthreads=1):
-    """conv2d_packed == the reference conv2d within RTOL of max|ref|, for one case."""
+    """conv2d_packed, and conv2d_planned with its tables from conv_geometry / pack_bias and a
+    padded-input buffer full of NaN (an arena buffer other layers wrote: its borders must be
+    zeroed), == the reference conv2d within RTOL of max|ref|, for one case."""
     n, c, h, w = xshape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
     oh, ow = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
@@ -45,11 +47,21 @@ def check_conv(xshape, o, k, stride, padding, dilation, groups, bias, residual, 
     act, attrs, code, lo, hi = epilogue
     want = reference_conv2d(x, wt, b, r, stride=stride, padding=padding, dilation=dilation,
                             groups=groups, activation=act, activation_attrs=attrs)
+    packed = F.pack_weight(wt, groups)
+    res = np.empty((0, 0, 0, 0), np.float32) if r is None else r
     out = np.full((n, o, oh, ow), np.nan, np.float32)  # every output must be written
-    F.conv2d_packed(x, F.pack_weight(wt, groups), np.empty(0, np.float32) if b is None else b,
-                    np.empty((0, 0, 0, 0), np.float32) if r is None else r, out, kh, kw, sh, sw,
-                    ph, pw, dh, dw, groups, code, lo, hi, nthreads)
-    assert relative_error(out, want) < RTOL, (xshape, o, k, stride, padding, dilation, groups)
+    F.conv2d_packed(x, packed, np.empty(0, np.float32) if b is None else b, res, out, kh, kw, sh,
+                    sw, ph, pw, dh, dw, groups, code, lo, hi, nthreads)
+    case = (xshape, o, k, stride, padding, dilation, groups)
+    assert relative_error(out, want) < RTOL, case
+    base_args, offs_args, padded = F.conv_geometry(xshape, o, kh, kw, stride, padding, dilation,
+                                                   groups)
+    xp = np.full(padded, np.nan, np.float32)
+    planned = np.full((n, o, oh, ow), np.nan, np.float32)
+    F.conv2d_planned(x, xp, packed, F.pack_bias(b, o, groups), F.pixel_bases(*base_args),
+                     F.tap_offsets(*offs_args), res, planned, ph, pw, groups, code, lo, hi,
+                     nthreads)
+    np.testing.assert_array_equal(planned, out, err_msg=str(case))
 
 
 # every (stride, padding, dilation, kernel) combination, with channels, groups, epilogues and
@@ -139,7 +151,7 @@ def test_small_cnn_through_compile_numba_uses_the_kernel():
     g = small_cnn()
     model = compile_numba(g)
     body = model.source.split("def forward")[1]
-    assert body.count("KC.conv2d_packed(") == 4 and body.count("KC.conv2d_depthwise(") == 1
+    assert body.count("KC.conv2d_planned(") == 4 and body.count("KC.conv2d_depthwise(") == 1
     assert "KC.conv2d(" not in body
     assert "stem.w_packed" in model.weights and "stem.w" not in model.weights  # packed only
     x = randn(1, 3, 15, 13)

@@ -238,7 +238,7 @@ def test_onnx_file_shrinks_and_numba_package_stays_packed(tmp_path):
     assert compile_onnx(shared).model.ByteSize() < dense / 7
     model = compile_numba(shared)
     # the decoded weight is packed for the fp32 micro-kernel on the first call, not at compile time
-    assert "KC.pack_weight(" in model.source and "KC.conv2d_packed(" in model.source
+    assert "KC.pack_weight(" in model.source and "KC.conv2d_planned(" in model.source
     path = model.save(tmp_path / "shared_conv_pkg")  # a module name no other test imports
     with np.load(path / "weights.npz") as f:
         assert {"w.codebook", "w.indices"} <= set(f.files) and "w" not in f.files
