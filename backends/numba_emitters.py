@@ -233,7 +233,7 @@ def _conv2d(gen: Codegen, node: Node) -> None:
             gen.call("KC.conv2d_depthwise", xa, gen.arg(w), bias, res, out, *geom, *act, "nt")
         elif planned:
             gen.call("KC.conv2d_planned", xa, *conv_plan(gen, node, packed, bias), res, out,
-                     ph, pw, groups, *act, "nt")
+                     kh, kw, *geom, groups, *act, "nt")
         elif packed is not None:
             args = (xa, packed, bias, res, out, kh, kw, *geom, groups, *act, "nt")
             gen.call("KC.conv2d_packed", *args)

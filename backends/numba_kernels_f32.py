@@ -28,9 +28,13 @@ from .numba_kernels import CLIP, NONE, RELU, act_inplace
 # more; 7 for planes whose pixels it divides better (7x7: 2.31 ms against 2.67 for 8 on 512->512).
 MAX_ROWS = 8
 LANES = 16  # output channels per micro-kernel call: one zmm of float32
-# MACs a layer needs per thread before it is split among threads: ~80 us of work, more than
-# entering a parallel region costs (the int8 kernels measured ~50 us on the shared 2 cores).
+# MACs a layer needs per thread before it is split among threads: ~10 us of work, three times
+# what entering a parallel region of the OpenMP layer costs (~3.5 us; numba_kernels.py).
 PAR_MACS = 1 << 19
+# Output tiles per thread from which a layer is split by bands of pixels (conv2d_planned): the
+# bands are whole tiles, so fewer would leave the threads' shares unequal by more than 1/8
+# (unless the tiles divide evenly among the threads).
+BAND_TILES = 8
 
 
 def _transpose_masks(rows: int) -> tuple[list, list]:
@@ -232,10 +236,12 @@ def pixel_bases(oh, ow, sh, sw, wp):
 
 
 @njit(cache=True)
-def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, t0, t1):
-    """Tasks [t0, t1) of (image, channel block of 16, block of pixels): the micro-kernel over the
-    block's full tiles, a scratch tile for a last partial one, then an activation other than a
-    clamp over the written rows. ``res``/``out`` are (N, O, P) flat; ``res`` may be empty."""
+def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, t0, t1,
+                q0, q1):
+    """Tasks [t0, t1) of (image, channel block of 16, block of the output pixels [q0, q1)): the
+    micro-kernel over the block's full tiles, a scratch tile for a last partial one, then an
+    activation other than a clamp over the written rows. ``res``/``out`` are (N, O, P) flat;
+    ``res`` may be empty; ``bases[p - q0]`` is output pixel p's offset in its padded planes."""
     groups, nbg, cg, hw, npb, pb, rows = geom
     o, npix = out.shape[1], out.shape[2]
     og = o // groups
@@ -254,18 +260,18 @@ def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo,
         xi = (ni * groups + g) * cg * hw
         wi = blk * kk * LANES
         ci = blk * LANES
-        p0, p1 = pblk * pb, min(npix, pblk * pb + pb)
+        p0, p1 = q0 + pblk * pb, min(q1, q0 + pblk * pb + pb)
         chan = (ni * o + co0) * npix
         full = p0 + (p1 - p0) // rows * rows
         # one loop per tile size: a call that picks the size inside the loop cost 15 % on 1x1
         # layers (K = 24), where a tile is ~250 cycles
         if rows == 8:
             for p in range(p0, full, 8):
-                _tile8(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p,
+                _tile8(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
         else:
             for p in range(p0, full, 7):
-                _tile7(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p,
+                _tile7(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
         if full < p1:  # the last, partial tile: into scratch rows of ``rows``, then copied
             m = p1 - full
@@ -273,11 +279,11 @@ def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo,
                 for j in range(nc):
                     rscratch[j * rows : j * rows + m] = res[ni, co0 + j, full:p1]
             if rows == 8:
-                _tile8(scratch, 0, 8, rscratch, 0, 8, has_res, xp, xi, bases, full, offs, kk,
-                       packed, wi, bias, ci, lo, hi, nc)
+                _tile8(scratch, 0, 8, rscratch, 0, 8, has_res, xp, xi, bases, full - q0, offs,
+                       kk, packed, wi, bias, ci, lo, hi, nc)
             else:
-                _tile7(scratch, 0, 7, rscratch, 0, 7, has_res, xp, xi, bases, full, offs, kk,
-                       packed, wi, bias, ci, lo, hi, nc)
+                _tile7(scratch, 0, 7, rscratch, 0, 7, has_res, xp, xi, bases, full - q0, offs,
+                       kk, packed, wi, bias, ci, lo, hi, nc)
             for j in range(nc):
                 out[ni, co0 + j, full:p1] = scratch[j * rows : j * rows + m]
         if act != NONE and act != RELU and act != CLIP:
@@ -290,7 +296,70 @@ def _conv_parallel(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, a
                    chunks):
     for ch in prange(chunks):
         _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi,
-                    ch * total // chunks, (ch + 1) * total // chunks)
+                    ch * total // chunks, (ch + 1) * total // chunks, 0, out.shape[2])
+
+
+@njit(cache=True)
+def _pad_band(x, ph, pw, iy0, hb, xb):
+    """Rows [iy0, iy0 + hb) of every zero-padded plane of ``x`` into flat ``xb`` (unsigned
+    indices, as in :func:`_pad_into`)."""
+    n, c, h, w = x.shape
+    xf = x.reshape(-1)
+    wp = w + 2 * pw
+    width, side, full = numba.uint64(w), numba.uint64(pw), numba.uint64(wp)
+    for t in range(n * c):
+        for r in range(hb):
+            d = numba.uint64((t * hb + r) * wp)
+            y = iy0 + r - ph
+            if y < 0 or y >= h:
+                for j in range(full):
+                    xb[d + j] = 0.0
+                continue
+            s = numba.uint64((t * h + y) * w)
+            for j in range(side):
+                xb[d + j] = 0.0
+                xb[d + side + width + j] = 0.0
+            d += side
+            for j in range(width):
+                xb[d + j] = xf[s + j]
+
+
+@njit(cache=True)
+def _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi, act,
+               alo, ahi, rows, q0, q1):
+    """Output pixels [q0, q1) of every image and channel, from a private zero-padded copy of
+    the input rows they read (see :func:`conv2d_planned`)."""
+    if q1 <= q0:
+        return
+    n_img, c, h, w = x.shape
+    ow, npix = out.shape[3], out.shape[2] * out.shape[3]
+    wp = w + 2 * pw
+    oy0, oy1 = q0 // ow, (q1 - 1) // ow
+    iy0 = oy0 * sh
+    hb = oy1 * sh + dh * (kh - 1) + 1 - iy0
+    xb = np.empty(n_img * c * hb * wp, np.float32)
+    _pad_band(x, ph, pw, iy0, hb, xb)
+    bases = np.zeros(q1 - q0 + MAX_ROWS, np.intp)
+    for p in range(q0, q1):
+        bases[p - q0] = ((p // ow) * sh - iy0) * wp + (p % ow) * sw
+    offs = tap_offsets(c // groups, kh, kw, dh, dw, hb, wp)
+    nbg = packed.shape[0] // groups
+    geom = (groups, nbg, c // groups, hb * wp, 1, q1 - q0, rows)
+    _conv_tasks(xb, bases, offs, packed, bias, res.reshape(n_img, out.shape[1], npix) if res.size
+                else res.reshape(0, 0, 0), out.reshape(n_img, out.shape[1], npix), geom, lo, hi,
+                act, alo, ahi, 0, n_img * groups * nbg, q0, q1)
+
+
+@njit(parallel=True, cache=True)
+def _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi, act,
+                alo, ahi, rows, chunks):
+    npix = out.shape[2] * out.shape[3]
+    tiles = (npix + rows - 1) // rows
+    for ch in prange(chunks):
+        q0 = ch * tiles // chunks * rows
+        q1 = min(npix, (ch + 1) * tiles // chunks * rows)
+        _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
+                   act, alo, ahi, rows, q0, q1)
 
 
 def conv_geometry(xshape, o, kh, kw, stride, padding, dilation, groups):
@@ -345,22 +414,24 @@ def _pad_into(x, ph, pw, xp):
 
 
 @njit(cache=True)
-def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, ph, pw, groups, act, alo, ahi,
-                   nthreads):
+def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
+                   groups, act, alo, ahi, nthreads):
     """:func:`conv2d_packed` with its per-layer constants given: ``xp`` a buffer for the padded
     input (size 0 without padding), ``bias`` from :func:`pack_bias`, ``bases``/``offs`` from
     :func:`pixel_bases` / :func:`tap_offsets` with :func:`conv_geometry`'s arguments. What the
-    generated code calls."""
+    generated code calls.
+
+    Threads split a layer by bands of output pixels when it has ``BAND_TILES`` tiles per thread:
+    each pads the input rows its band reads into a private buffer, so a thread reads what it
+    wrote in the previous layer, except the halo rows. Splitting by channel blocks instead made
+    every thread read the whole input, half of it from the other core's cache: a 16x32x32 layer
+    took 40 us on 2 threads against 25 us with an input both caches already held. Layers with
+    fewer tiles split by channel blocks (or pixel blocks) of a shared padded input."""
     n_img, c, h, w = x.shape
     o, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     cg = c // groups
     hp, wp = h + 2 * ph, w + 2 * pw
     nbg = packed.shape[0] // groups
-    if ph or pw:
-        _pad_into(x, ph, pw, xp)
-        src = xp
-    else:
-        src = x.reshape(-1)
     # clamps run in the micro-kernel; any other activation afterwards, on the written rows
     lo = np.float32(alo if act == CLIP else 0.0 if act == RELU else -np.inf)
     hi = np.float32(ahi if act == CLIP else np.inf)
@@ -368,6 +439,16 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, ph, pw, groups, a
     rows = best_rows(npix)
     macs = n_img * o * npix * offs.shape[0]
     chunks = max(1, min(nthreads, macs // PAR_MACS))
+    tiles = (npix + rows - 1) // rows
+    if chunks > 1 and (tiles >= BAND_TILES * chunks or tiles % chunks == 0):
+        _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
+                    act, alo, ahi, rows, chunks)
+        return
+    if ph or pw:
+        _pad_into(x, ph, pw, xp)
+        src = xp
+    else:
+        src = x.reshape(-1)
     blocks = n_img * groups * nbg
     npb = 1  # blocks of pixels per channel block: equal work per thread
     while (blocks * npb) % chunks:
@@ -381,7 +462,7 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, ph, pw, groups, a
     resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
     if chunks == 1:
         _conv_tasks(src, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi, 0,
-                    total)
+                    total, 0, npix)
     else:
         _conv_parallel(src, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi,
                        total, min(chunks, total))
@@ -407,5 +488,5 @@ def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups
         for g in range(groups):
             bias[g * nbg * LANES : g * nbg * LANES + og] = b[g * og : (g + 1) * og]
     xp = np.empty(n_img * c * hp * wp if ph or pw else 0, np.float32)
-    conv2d_planned(x, xp, packed, bias, bases, offs, res, out, ph, pw, groups, act, alo, ahi,
-                   nthreads)
+    conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
+                   groups, act, alo, ahi, nthreads)

@@ -316,6 +316,20 @@ def test_linear_with_fused_epilogue(xshape, act, act_attrs):
     assert_matches(g, randn(*xshape), randn(*xshape[:-1], 5))
 
 
+@pytest.mark.parametrize("m", [1, 20])
+def test_linear_kernel_splits_rows_or_columns_among_threads(m):
+    """Few rows: blocks of output columns (1003: not whole vectors) per thread; many: rows."""
+    from backends import numba_kernels as K
+    from backends import numba_kernels_conv as KC
+
+    x, w, b, r = randn(m, 2048), randn(1003, 2048), randn(1003), randn(m, 1003)
+    want = np.maximum(x.astype(np.float64) @ w.T.astype(np.float64) + b + r, 0)
+    for nthreads in (1, 2, 3):
+        out = np.full((m, 1003), np.nan, np.float32)
+        KC.linear(x, w, b, r, out, K.RELU, 0.0, 0.0, nthreads)
+        assert relative_error(out, want) < 1e-5, nthreads
+
+
 def test_linear_with_broadcast_bias_and_weight_as_input():
     g = Graph("linear")
     x, w = g.add_input("x", (4, 3, 8)), g.add_input("w", (5, 8))

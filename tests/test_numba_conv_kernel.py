@@ -59,9 +59,19 @@ def check_conv(xshape, o, k, stride, padding, dilation, groups, bias, residual, 
     xp = np.full(padded, np.nan, np.float32)
     planned = np.full((n, o, oh, ow), np.nan, np.float32)
     F.conv2d_planned(x, xp, packed, F.pack_bias(b, o, groups), F.pixel_bases(*base_args),
-                     F.tap_offsets(*offs_args), res, planned, ph, pw, groups, code, lo, hi,
-                     nthreads)
+                     F.tap_offsets(*offs_args), res, planned, kh, kw, sh, sw, ph, pw, dh, dw,
+                     groups, code, lo, hi, nthreads)
     np.testing.assert_array_equal(planned, out, err_msg=str(case))
+    # split into bands of output pixels, each from its own padded copy of the rows it reads (the
+    # threaded path of large layers), as 2 and 3 threads would: the same numbers
+    alo, ahi = (lo, hi) if code == K.CLIP else (0.0, 0.0)
+    klo = np.float32(lo if code == K.CLIP else 0.0 if code == K.RELU else -np.inf)
+    khi = np.float32(hi if code == K.CLIP else np.inf)
+    for chunks in (2, 3):
+        banded = np.full((n, o, oh, ow), np.nan, np.float32)
+        F._conv_bands(x, packed, F.pack_bias(b, o, groups), res, banded, kh, kw, sh, sw, ph, pw,
+                      dh, dw, groups, klo, khi, code, alo, ahi, F.best_rows(oh * ow), chunks)
+        np.testing.assert_array_equal(banded, out, err_msg=f"{case} in {chunks} bands")
 
 
 # every (stride, padding, dilation, kernel) combination, with channels, groups, epilogues and
