@@ -65,6 +65,17 @@ def blas_threads(n: int) -> None:
                 getattr(lib, fn)(n)
 
 
+def threading_layer() -> str:
+    """The layer numba launches parallel regions on (it is chosen at the first launch)."""
+    @numba.njit(parallel=True)
+    def launch(a):
+        for i in numba.prange(a.shape[0]):
+            a[i] = i
+
+    launch(np.zeros(2))
+    return numba.threading_layer()
+
+
 def peak_sgemm(threads: int, n: int = 2048, repeats: int = 5) -> float:
     """Best fp32 GFLOP/s of numpy's and torch's matmul on n x n matrices."""
     blas_threads(threads)
@@ -271,7 +282,7 @@ def main() -> int:
     peaks = {t: peak_sgemm(t) for t in args.threads}
     print("peak SGEMM GFLOP/s: " + ", ".join(f"{t} thread(s) {p:.0f}" for t, p in peaks.items()))
     print(
-        f"numba threading layer: {numba.config.THREADING_LAYER}; times are medians of "
+        f"numba threading layer: {threading_layer()}; times are medians of "
         f"{args.repeats} calls in rotating blocks"
     )
     print(HEADER)
