@@ -161,9 +161,14 @@ class Codegen:
     def derived(self, key: str, expr: str) -> str:
         """A constant the generated ``prepare(w)`` computes from ``expr`` (which may read other
         weights) once, when the model is constructed: per-layer tables such as a conv's tap
-        offsets, cheap to compute and not worth bytes in weights.npz. Equal keys are computed
-        once (layers of one geometry share their tables)."""
-        self.derived_exprs.setdefault(key, expr)
+        offsets, cheap to compute and not worth bytes in weights.npz. An equal (key, expr) pair
+        is computed once (layers of one geometry share their tables); a key that a different
+        table or a weight already holds gets a suffix."""
+        base = key = re.sub(r"[^\w.]", "_", key)
+        i = 1
+        while key in self.weights or self.derived_exprs.get(key, expr) != expr:
+            key, i = f"{base}_{i}", i + 1
+        self.derived_exprs[key] = expr
         return f'w["{key}"]'
 
     def none(self, ndim: int, dtype: str) -> str:

@@ -328,17 +328,23 @@ def _pad_band(x, ph, pw, iy0, hb, xb):
 def _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi, act,
                alo, ahi, rows, q0, q1):
     """Output pixels [q0, q1) of every image and channel, from a private zero-padded copy of
-    the input rows they read (see :func:`conv2d_planned`)."""
+    the input rows they read (see :func:`conv2d_planned`); without padding (1x1 convs) straight
+    from the input, whose rows of this band the same thread wrote if the previous layer was
+    split the same way."""
     if q1 <= q0:
         return
     n_img, c, h, w = x.shape
     ow, npix = out.shape[3], out.shape[2] * out.shape[3]
     wp = w + 2 * pw
     oy0, oy1 = q0 // ow, (q1 - 1) // ow
-    iy0 = oy0 * sh
-    hb = oy1 * sh + dh * (kh - 1) + 1 - iy0
-    xb = np.empty(n_img * c * hb * wp, np.float32)
-    _pad_band(x, ph, pw, iy0, hb, xb)
+    if ph == 0 and pw == 0:
+        iy0, hb = 0, h
+        xb = x.reshape(-1)
+    else:
+        iy0 = oy0 * sh
+        hb = oy1 * sh + dh * (kh - 1) + 1 - iy0
+        xb = np.empty(n_img * c * hb * wp, np.float32)
+        _pad_band(x, ph, pw, iy0, hb, xb)
     bases = np.zeros(q1 - q0 + MAX_ROWS, np.intp)
     for p in range(q0, q1):
         bases[p - q0] = ((p // ow) * sh - iy0) * wp + (p % ow) * sw
@@ -367,8 +373,8 @@ def conv_geometry(xshape, o, kh, kw, stride, padding, dilation, groups):
     ``(pixel_bases args, tap_offsets args, padded input size)``. The generated code computes
     the two arrays once, when the model is constructed (per call they cost ~3 us of a ~25 us
     layer); they are not stored in weights.npz."""
-    n, c, h, w = xshape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n, c, h, w, kh, kw, groups = (int(v) for v in (*xshape, kh, kw, groups))
+    (sh, sw), (ph, pw), (dh, dw) = ((int(a), int(b)) for a, b in (stride, padding, dilation))
     hp, wp = h + 2 * ph, w + 2 * pw
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1

@@ -405,6 +405,19 @@ def chain_graph(depth: int = 6) -> Graph:
     return g
 
 
+def test_derived_tables_of_names_that_sanitise_alike_stay_apart():
+    """Two convs named 'a/b' and 'a_b' (both 'a_b' once sanitised) keep their own padded bias."""
+    g = Graph("names")
+    h = g.add_input("x", (1, 4, 6, 6))
+    for name in ("a/b", "a_b"):
+        w, b = g.constant(randn(4, 4, 3, 3), f"{name}.w"), g.constant(randn(4) * 5, f"{name}.b")
+        h = g.add_node("conv2d", [h, w, b], {"padding": (1, 1)}, name=name).outputs[0]
+    g.outputs = [h]
+    model = assert_matches(g, randn(1, 4, 6, 6))
+    prepare = model.source.split("def prepare")[1].split("def forward")[0]
+    assert prepare.count("KC.pack_bias(") == 2 and prepare.count("KC.tap_offsets(") == 1
+
+
 def test_buffers_are_reused_and_results_stay_right():
     g = chain_graph()
     model = assert_matches(g, randn(1, 8, 12, 12))
