@@ -123,9 +123,10 @@ def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
 
 # -- threads -------------------------------------------------------------------------------------
 # Each kernel is a serial ``_*_tasks(..., t0, t1)`` over a range of independent tasks, and a
-# ``_*_parallel`` that hands ``chunks`` equal ranges to numba's threads. Entering a parallel region
-# costs ~50 us even for one chunk (measured, workqueue layer on the shared 2 cores), as much as a
-# whole small layer, so a small layer calls its tasks directly on one thread (PAR_MACS_*).
+# ``_*_parallel`` that hands ``chunks`` equal ranges to numba's threads. A small layer calls its
+# tasks directly on one thread (PAR_MACS_*). The thresholds were set when entering a parallel
+# region cost ~50 us (the workqueue layer on the shared 2 cores); on the OpenMP layer it costs
+# ~3.5 us, so they are conservative now (not remeasured; the fp32 conv splits from 512K MACs).
 
 
 @njit(cache=True)
