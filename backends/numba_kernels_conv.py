@@ -20,7 +20,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numba_kernels import CLIP, NONE, RELU, act_inplace, finish_row, softmax_rows
-from .numba_kernels_f32 import (  # noqa: F401  (called by the generated code as KC.)
+from .numba_kernels_f32 import (  # noqa: F401  (conv2d_*, pack_*, ...: called as KC.)
+    LANES,  # linear splits its columns in whole vectors and from the fp32 conv's PAR_MACS
+    PAR_MACS,
     conv2d_packed,
     conv2d_planned,
     pack_bias,
@@ -28,11 +30,6 @@ from .numba_kernels_f32 import (  # noqa: F401  (called by the generated code as
     pixel_bases,
     tap_offsets,
 )
-
-# MACs a linear layer needs per thread before it is split (as conv2d_packed's PAR_MACS), and the
-# width of its column blocks (one AVX-512 vector of float32).
-PAR_MACS = 1 << 19
-LANES_F32 = 16
 
 # Target size (elements) of one im2col tile: a few hundred KiB, so the tile and its GEMM output
 # stay in the L2 cache while the epilogue reads them.
@@ -694,14 +691,14 @@ def linear(x, w, b, res, out, act, lo, hi, nthreads):
     m, n, k = x.shape[0], w.shape[0], x.shape[1]
     threads = max(1, min(nthreads, m * n * k // PAR_MACS))
     rsplit = max(1, min(threads, m // 8))
-    csplit = max(1, min(threads // rsplit, n // LANES_F32))
+    csplit = max(1, min(threads // rsplit, n // LANES))
     total = rsplit * csplit
     for ch in prange(total):
         ri, cj = ch // csplit, ch % csplit
         m0, m1 = ri * m // rsplit, (ri + 1) * m // rsplit
         # column blocks of whole vectors
-        n0 = cj * (n // LANES_F32) // csplit * LANES_F32
-        n1 = n if cj == csplit - 1 else (cj + 1) * (n // LANES_F32) // csplit * LANES_F32
+        n0 = cj * (n // LANES) // csplit * LANES
+        n1 = n if cj == csplit - 1 else (cj + 1) * (n // LANES) // csplit * LANES
         acc = np.empty((m1 - m0, n1 - n0), x.dtype)
         np.dot(x[m0:m1], w[n0:n1].T, acc)
         for i in range(m1 - m0):

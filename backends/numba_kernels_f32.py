@@ -301,8 +301,10 @@ def _conv_parallel(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, a
 
 @njit(cache=True)
 def _pad_band(x, ph, pw, iy0, hb, xb):
-    """Rows [iy0, iy0 + hb) of every zero-padded plane of ``x`` into flat ``xb`` (unsigned
-    indices, as in :func:`_pad_into`)."""
+    """Rows [iy0, iy0 + hb) of every plane of ``x`` zero-padded by (ph, pw) into flat ``xb``,
+    borders included (``xb`` may be an arena buffer other layers wrote). Unsigned indices: signed
+    ones keep numba's negative-index wraparound, which stops LLVM vectorising the copy (a view per
+    row, or signed indices, took 10-20 us on a 16x32x32 input, a quarter of its conv; this ~3)."""
     n, c, h, w = x.shape
     xf = x.reshape(-1)
     wp = w + 2 * pw
@@ -393,33 +395,6 @@ def pack_bias(b, o: int, groups: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def _pad_into(x, ph, pw, xp):
-    """Write the planes of ``x`` zero-padded by (ph, pw) into flat ``xp``, borders included (``xp``
-    is an arena buffer other layers wrote). Unsigned indices: signed ones keep numba's
-    negative-index wraparound, which stops LLVM vectorising the copy (a view per row, or signed
-    indices, took 10-20 us on a 16x32x32 input, a quarter of its conv; this takes ~3)."""
-    n, c, h, w = x.shape
-    xf = x.reshape(-1)
-    hp, wp = h + 2 * ph, w + 2 * pw
-    width, top, side = numba.uint64(w), numba.uint64(ph * wp), numba.uint64(pw)
-    for t in range(n * c):
-        p0 = numba.uint64(t * hp * wp)
-        p1 = numba.uint64(t * hp * wp + (ph + h) * wp)
-        for i in range(top):
-            xp[p0 + i] = 0.0
-            xp[p1 + i] = 0.0
-        for y in range(h):
-            d = numba.uint64(t * hp * wp + (ph + y) * wp)
-            s = numba.uint64((t * h + y) * w)
-            for j in range(side):
-                xp[d + j] = 0.0
-                xp[d + side + width + j] = 0.0
-            d += side
-            for j in range(width):
-                xp[d + j] = xf[s + j]
-
-
-@njit(cache=True)
 def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
                    groups, act, alo, ahi, nthreads):
     """:func:`conv2d_packed` with its per-layer constants given: ``xp`` a buffer for the padded
@@ -427,12 +402,13 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     :func:`pixel_bases` / :func:`tap_offsets` with :func:`conv_geometry`'s arguments. What the
     generated code calls.
 
-    Threads split a layer by bands of output pixels when it has ``BAND_TILES`` tiles per thread:
-    each pads the input rows its band reads into a private buffer, so a thread reads what it
-    wrote in the previous layer, except the halo rows. Splitting by channel blocks instead made
-    every thread read the whole input, half of it from the other core's cache: a 16x32x32 layer
-    took 40 us on 2 threads against 25 us with an input both caches already held. Layers with
-    fewer tiles split by channel blocks (or pixel blocks) of a shared padded input."""
+    Threads split a layer by bands of output pixels when it has ``BAND_TILES`` tiles per thread
+    or its tiles divide evenly among them: each pads the input rows its band reads into a private
+    buffer (a conv without padding reads the input directly), so a thread reads what it wrote in
+    the previous layer, except the halo rows. Splitting by channel blocks instead made every
+    thread read the whole input, half of it from the other core's cache: a 16x32x32 layer took
+    40 us on 2 threads against 25 us with an input both caches already held. Other layers split
+    by channel blocks (or pixel blocks) of one shared padded input, ``xp``."""
     n_img, c, h, w = x.shape
     o, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     cg = c // groups
@@ -451,7 +427,7 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
                     act, alo, ahi, rows, chunks)
         return
     if ph or pw:
-        _pad_into(x, ph, pw, xp)
+        _pad_band(x, ph, pw, 0, hp, xp)
         src = xp
     else:
         src = x.reshape(-1)
