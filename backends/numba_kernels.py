@@ -69,6 +69,27 @@ def single_threaded_blas() -> bool:
 single_threaded_blas()
 
 
+def cpu_features() -> frozenset[str]:
+    """The instruction-set features numba compiles for: ``NUMBA_CPU_FEATURES`` when set (as numba
+    itself does), else the host's, as names without the sign (``{"avx2", "avx512f", ...}``).
+
+    The hand-written micro-kernels pick their form from these at import: an AVX-512 tile on a
+    CPU without AVX-512 spills half its accumulators, and an AVX-512 VNNI intrinsic aborts the
+    process (LLVM cannot select it). numba's cache is keyed by the same features, so a cached
+    kernel never runs on a CPU it was not built for."""
+    spec = numba.config.CPU_FEATURES  # "" for NUMBA_CPU_NAME=generic: the baseline only
+    if spec is None:
+        import llvmlite.binding as llvm
+
+        spec = llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in spec.split(",") if f.startswith("+"))
+
+
+CPU_FEATURES = cpu_features()
+# 512-bit registers: 32 of them; without AVX-512 (AVX2) a <16 x float> is two of 16 ymm registers
+HAS_AVX512 = "avx512f" in CPU_FEATURES
+
+
 # -- activations -----------------------------------------------------------------------------------
 
 

@@ -21,12 +21,17 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_kernels import CLIP, NONE, RELU, act_inplace
+from .numba_kernels import CLIP, HAS_AVX512, NONE, RELU, act_inplace
 
-# Output pixels per micro-kernel call (independent FMA chains; 4 cycles of FMA latency need >= 4).
-# 8 was as fast as 4 or 6 on 3x3 layers and 1.1-1.3x faster on 1x1 ones, where the epilogue weighs
-# more; 7 for planes whose pixels it divides better (7x7: 2.31 ms against 2.67 for 8 on 512->512).
-MAX_ROWS = 8
+# Output pixels per micro-kernel call (independent FMA chains; 4 cycles of FMA latency need >= 4),
+# two sizes: a plane uses the one that wastes fewer lanes in its last tile. With AVX-512 (32 zmm
+# registers) 8 was as fast as 4 or 6 on 3x3 layers and 1.1-1.3x faster on 1x1 ones, where the
+# epilogue weighs more, and 7 divides 7x7 and 14x14 planes (7x7: 2.31 ms against 2.67 for 8 on
+# 512->512). Without it a <16 x float> is two of AVX2's 16 ymm registers: 8 pixels would need 16
+# accumulators plus the weights and a broadcast, and spilled (ResNet-18 ran at half ORT's speed).
+# 6 pixels keep 12 accumulators, 2 weight halves and the broadcast in registers.
+TILE_ROWS = (8, 7) if HAS_AVX512 else (6, 5)
+MAX_ROWS = 8  # the largest tile of any CPU: scratch and the zeros after a plane's pixel bases
 LANES = 16  # output channels per micro-kernel call: one zmm of float32
 # MACs a layer needs per thread before it is split among threads: ~10 us of work, three times
 # what entering a parallel region of the OpenMP layer costs (~3.5 us; numba_kernels.py).
@@ -189,15 +194,17 @@ def _conv_tile(rows: int):
     return tile
 
 
-_tile8 = _conv_tile(8)
-_tile7 = _conv_tile(7)
+ROWS_A, ROWS_B = TILE_ROWS
+_tile_a = _conv_tile(ROWS_A)
+_tile_b = _conv_tile(ROWS_B)
 
 
 @njit(cache=True)
 def best_rows(npix):
-    """Pixels per tile for a plane of ``npix`` output pixels: 7 where it leaves fewer dropped lanes
-    in the last tile than 8 (the last tile always runs whole), else 8."""
-    return 7 if -(-npix // 7) * 7 < -(-npix // 8) * 8 else 8
+    """Pixels per tile for a plane of ``npix`` output pixels: the smaller tile (ROWS_B) where it
+    leaves fewer dropped lanes in the last tile than the larger (the last tile always runs
+    whole), else ROWS_A."""
+    return ROWS_B if -(-npix // ROWS_B) * ROWS_B < -(-npix // ROWS_A) * ROWS_A else ROWS_A
 
 
 def pack_weight(w: np.ndarray, groups: int) -> np.ndarray:
@@ -265,25 +272,25 @@ def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo,
         full = p0 + (p1 - p0) // rows * rows
         # one loop per tile size: a call that picks the size inside the loop cost 15 % on 1x1
         # layers (K = 24), where a tile is ~250 cycles
-        if rows == 8:
-            for p in range(p0, full, 8):
-                _tile8(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
-                       offs, kk, packed, wi, bias, ci, lo, hi, nc)
+        if rows == ROWS_A:
+            for p in range(p0, full, ROWS_A):
+                _tile_a(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
+                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
         else:
-            for p in range(p0, full, 7):
-                _tile7(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
-                       offs, kk, packed, wi, bias, ci, lo, hi, nc)
+            for p in range(p0, full, ROWS_B):
+                _tile_b(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
+                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
         if full < p1:  # the last, partial tile: into scratch rows of ``rows``, then copied
             m = p1 - full
             if has_res:
                 for j in range(nc):
                     rscratch[j * rows : j * rows + m] = res[ni, co0 + j, full:p1]
-            if rows == 8:
-                _tile8(scratch, 0, 8, rscratch, 0, 8, has_res, xp, xi, bases, full - q0, offs,
-                       kk, packed, wi, bias, ci, lo, hi, nc)
+            if rows == ROWS_A:
+                _tile_a(scratch, 0, rows, rscratch, 0, rows, has_res, xp, xi, bases, full - q0,
+                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
             else:
-                _tile7(scratch, 0, 7, rscratch, 0, 7, has_res, xp, xi, bases, full - q0, offs,
-                       kk, packed, wi, bias, ci, lo, hi, nc)
+                _tile_b(scratch, 0, rows, rscratch, 0, rows, has_res, xp, xi, bases, full - q0,
+                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
             for j in range(nc):
                 out[ni, co0 + j, full:p1] = scratch[j * rows : j * rows + m]
         if act != NONE and act != RELU and act != CLIP:

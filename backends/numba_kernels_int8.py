@@ -5,7 +5,9 @@ LLVM (through numba) does not emit AVX-512 VNNI's ``vpdpbusd`` for any int8 loop
 (../shared/PERF_NOTES.md), so the inner product of dense convs and linears is an explicit
 intrinsic: :func:`_dot_rows` builds the LLVM IR of a loop that multiplies 4 uint8 of each of
 ``R`` activation rows (broadcast) with a packed 64-byte block of int8 weights (16 output channels
-x 4 inputs) and accumulates 16 int32 lanes per row in registers. Weights are packed once at
+x 4 inputs) and accumulates 16 int32 lanes per row in registers (``vpdpbusd`` on CPUs with
+AVX-512 VNNI; elsewhere the same sums through 16-bit products, :func:`_widening_step`, since LLVM
+aborts on the VNNI intrinsic where the CPU lacks it). Weights are packed once at
 compile time as ``(O/16, K/4, 16, 4)``; activations are im2col'ed in uint8, channel-last, padded
 with their zero point (which is the value 0.0). Depthwise and grouped convs have too few inputs
 per output for that layout; :func:`conv2d_grouped_u8s8` is a direct loop that LLVM vectorises.
@@ -27,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # the activation codes, shared with the float kernels (whose import also sets the threading layer)
-from .numba_kernels import CLIP, NONE, RELU  # noqa: F401
+from .numba_kernels import CLIP, CPU_FEATURES, NONE, RELU  # noqa: F401
 
 ROWS = 4  # activation rows per micro-kernel call (independent accumulator chains)
 TILE_BYTES = 1 << 18  # one conv tile's im2col and accumulators: within L2
@@ -35,6 +37,39 @@ TILE_BYTES = 1 << 18  # one conv tile's im2col and accumulators: within L2
 # entering a parallel region costs. The direct kernel does ~10 GMAC/s, the GEMM ones 10-60.
 PAR_MACS_GEMM = 1 << 22
 PAR_MACS_DIRECT = 1 << 20
+
+
+def _vnni_step(builder, acc, av, bv):
+    """``acc + vpdpbusd(av, bv)``: one AVX-512 VNNI instruction (u8 x s8, 4 products per lane)."""
+    v16 = acc.type
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, av, bv])
+
+
+def _widening_step(builder, acc, av, bv):
+    """What :func:`_vnni_step` computes, in generic IR for CPUs without AVX-512 VNNI (LLVM cannot
+    select that intrinsic there and aborts the process): widen to i16, multiply (exact: |u8 x s8|
+    < 2^15), add pairs in i32 in the form LLVM turns into ``vpmaddwd`` on x86, then add those
+    pairs into the 16 lanes."""
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+
+    def take(v, start, n):
+        return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(
+            ir.VectorType(i32, n), list(range(start, 2 * n, 2))))
+
+    v64 = ir.VectorType(ir.IntType(8), 64)
+    a16 = builder.zext(builder.bitcast(av, v64), ir.VectorType(i16, 64))
+    b16 = builder.sext(builder.bitcast(bv, v64), ir.VectorType(i16, 64))
+    wide = ir.VectorType(i32, 32)
+    pairs = builder.add(*(builder.mul(builder.sext(take(a16, h, 32), wide),
+                                      builder.sext(take(b16, h, 32), wide)) for h in (0, 1)))
+    return builder.add(acc, builder.add(take(pairs, 0, 16), take(pairs, 1, 16)))
+
+
+# vpdpbusd.512 needs AVX-512 VNNI; the form that runs everywhere else is exact too, and slower
+HAS_VNNI = {"avx512f", "avx512bw", "avx512vnni"} <= CPU_FEATURES
+_dot_step = _vnni_step if HAS_VNNI else _widening_step
 
 
 def _dot_rows(rows: int):
@@ -53,9 +88,6 @@ def _dot_rows(rows: int):
             bp = context.make_array(bty)(context, builder, b).data
             i32 = ir.IntType(32)
             v16 = ir.VectorType(i32, 16)
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(v16, [v16, v16, v16]),
-                "llvm.x86.avx512.vpdpbusd.512")
             rows_a = [builder.bitcast(builder.gep(ap, [builder.add(ai, builder.mul(
                 lda, ir.Constant(lda.type, r)))]), i32.as_pointer()) for r in range(rows)]
             bbase = builder.gep(bp, [bi])
@@ -83,7 +115,7 @@ def _dot_rows(rows: int):
                                             ir.Constant(i32, 0))
                 av = builder.shuffle_vector(av, ir.Constant(v16, ir.Undefined),
                                             ir.Constant(v16, [0] * 16))
-                new.append(builder.call(fn, [acc, av, bv]))
+                new.append(_dot_step(builder, acc, av, bv))
             step = builder.add(k, ir.Constant(n.type, 1))
             k.add_incoming(step, builder.block)
             for acc, value in zip(accs, new, strict=True):

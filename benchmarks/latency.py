@@ -195,7 +195,8 @@ def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
                                       check=False)
             variants.append((f"{name}-p{args.prune:g}", pruned.artifact.eval(), pruned.graph))
         for label, eager, graph in variants:
-            rows += bench_variant(label, eager, graph, x, batch == args.batches[0], args, peaks)
+            load = args.load and batch == args.batches[0]
+            rows += bench_variant(label, eager, graph, x, load, args, peaks)
     return rows
 
 
@@ -256,14 +257,17 @@ def summary(rows: list[dict]) -> str:
     target = [f"{r['model']} {r['numba'] / r['ort']:.2f}" for r in rows
               if r["batch"] == 1 and r["threads"] == 2]
     slower = sum(r["numba"] > r["torch"] for r in rows)
+    loads = (
+        f"; package load {statistics.median(jit):.1f} s with JIT, {statistics.median(cached):.2f} "
+        f"s cached ({statistics.median(own):.2f} s past importing numpy and numba)"
+        if jit else ""
+    )
     return (
         f"summary: numba takes {statistics.median(vs_ort):.2f}x ORT's time "
         f"({min(vs_ort):.2f}-{max(vs_ort):.2f}) and {statistics.median(vs_torch):.2f}x torch "
         f"eager's ({min(vs_torch):.2f}-{max(vs_torch):.2f}) over {len(rows)} configurations, "
         f"slower than torch in {slower}; numba/ORT at batch 1, 2 threads: "
-        f"{', '.join(target) or 'not run'}; package load {statistics.median(jit):.1f} s with JIT, "
-        f"{statistics.median(cached):.2f} s cached ({statistics.median(own):.2f} s past importing "
-        f"numpy and numba)"
+        f"{', '.join(target) or 'not run'}{loads}"
     )
 
 
@@ -276,6 +280,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--prune", type=float, default=0.5,
                     help="also run each model pruned to this fraction of its MACs (0: off)")
+    ap.add_argument("--no-load", dest="load", action="store_false",
+                    help="skip timing the saved package's JIT and cached loads (fresh processes)")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]

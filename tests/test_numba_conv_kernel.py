@@ -97,18 +97,50 @@ def test_kernel_epilogues(epilogue, bias, residual):
     check_conv((1, 17, 9, 10), 20, (3, 3), (1, 1), (1, 1), (1, 1), 1, bias, residual, epilogue)
 
 
+A, B = F.ROWS_A, F.ROWS_B  # this CPU's two tile sizes: (8, 7) with AVX-512, (6, 5) without
+
+
 @pytest.mark.parametrize("xshape, k, stride, padding", [
-    ((1, 5, 7, 7), (3, 3), (1, 1), (1, 1)),      # 49 pixels: tiles of 7
-    ((1, 5, 14, 14), (1, 1), (1, 1), (0, 0)),    # 196: tiles of 7
-    ((2, 5, 8, 8), (3, 3), (1, 1), (1, 1)),      # 64: tiles of 8
-    ((1, 5, 3, 4), (3, 2), (2, 1), (1, 0)),      # fewer pixels than a tile, rectangular kernel
+    ((1, 5, B, B), (3, 3), (1, 1), (1, 1)),              # B * B pixels: tiles of B
+    ((1, 5, 2 * B, 2 * B), (1, 1), (1, 1), (0, 0)),      # 4 B^2: tiles of B
+    ((2, 5, A, A), (3, 3), (1, 1), (1, 1)),              # A * A: tiles of A
+    ((1, 5, 3, 4), (3, 2), (2, 1), (1, 0)),              # fewer pixels than a tile, rectangular kernel
 ])
 def test_kernel_tile_sizes(xshape, k, stride, padding):
     oh = conv_out_size(xshape[2], k[0], stride[0], padding[0], 1)
     ow = conv_out_size(xshape[3], k[1], stride[1], padding[1], 1)
-    assert F.best_rows(49) == F.best_rows(196) == 7 and F.best_rows(64) == 8
-    assert F.best_rows(oh * ow) in (7, 8)
+    assert F.best_rows(B * B) == F.best_rows(4 * B * B) == B and F.best_rows(A * A) == A
+    assert F.best_rows(oh * ow) in (A, B)
     check_conv(xshape, 33, k, stride, padding, (1, 1), 1, True, True, EPILOGUES[1])
+
+
+@pytest.mark.parametrize("rows", [8, 7, 6, 5])
+def test_every_cpus_tile_is_exact_here(rows):
+    # the tile sizes of other CPUs too (AVX-512's 8 and 7, AVX2's 6 and 5): the IR is generic, so
+    # each runs anywhere (slower where it spills); one tile of 13 of its 16 channels, with bias,
+    # residual and clip, against numpy; the channel rows past 13 must stay untouched
+    from numba import njit
+
+    tile = F._conv_tile(rows)
+
+    @njit
+    def one_tile(out, res, xp, bases, offs, packed, bias, lo, hi, nc):
+        tile(out, 0, rows, res, 0, rows, 1, xp, 2, bases, 1, offs, offs.shape[0], packed, 0,
+             bias, 0, lo, hi, nc)
+
+    kk, nc = 21, 13
+    xp, packed, bias = randn(400), randn(kk, F.LANES), randn(F.LANES)
+    bases = np.arange(rows + 1, dtype=np.intp) * 11
+    offs = rng.integers(0, 250, kk).astype(np.intp)
+    res = randn(F.LANES * rows)
+    out = np.full(F.LANES * rows, np.nan, np.float32)
+    one_tile(out, res, xp, bases, offs, packed, bias, np.float32(-0.5), np.float32(2.0), nc)
+    patch = xp[2 + bases[1:, None] + offs[None, :]]  # (rows, kk)
+    want = (patch.astype(np.float64) @ packed + bias).T + res.reshape(F.LANES, rows)
+    want = np.clip(want, -0.5, 2.0)
+    got = out.reshape(F.LANES, rows)
+    np.testing.assert_allclose(got[:nc], want[:nc], rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[nc:]).all()
 
 
 @pytest.mark.parametrize("xshape, o", [((1, 48, 37, 37), 16), ((2, 16, 30, 30), 40)])
