@@ -199,3 +199,30 @@ def test_small_cnn_through_compile_numba_uses_the_kernel():
     x = randn(1, 3, 15, 13)
     (got,), (want,) = model.run(x), run(g, [x])
     assert got.shape == want.shape and relative_error(got, want) < RTOL
+
+
+@pytest.mark.parametrize("n, c, o, hw, residual, epilogue", [
+    (1, 7, 21, (9, 11), True, EPILOGUES[2]),     # 99 pixels: 4 whole tiles of AVX2, a partial one
+    (2, 33, 16, (5, 5), False, EPILOGUES[3]),    # fewer pixels than a tile; an activation after
+    (1, 16, 5, (24, 24), True, EPILOGUES[1]),    # whole tiles only, 5 of a 16-channel block
+])
+def test_pointwise_kernel_is_the_reference(n, c, o, hw, residual, epilogue):
+    # the pixel-vector 1x1 kernel that CPUs without AVX-512 run (F.POINTWISE), here on any CPU:
+    # the whole plane on one thread, and split in two by pixel tiles as the threads split it
+    x, wt, b = randn(n, c, *hw), randn(o, c, 1, 1), randn(o)
+    r = randn(n, o, *hw) if residual else None
+    act, attrs, code, lo, hi = epilogue
+    want = reference_conv2d(x, wt, b, r, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                            groups=1, activation=act, activation_attrs=attrs)
+    npix = hw[0] * hw[1]
+    klo = np.float32(lo if code == K.CLIP else 0.0 if code == K.RELU else -np.inf)
+    khi = np.float32(hi if code == K.CLIP else np.inf)
+    res = r.reshape(n, o, npix) if residual else np.empty((0, 0, 0), np.float32)
+    args = (x.reshape(n, c, npix), F.pack_weight(wt, 1), F.pack_bias(b, o, 1), res)
+    for split in (False, True):
+        out = np.full((n, o, npix), np.nan, np.float32)
+        if split:
+            F._pointwise_parallel(*args, out, klo, khi, code, lo, hi, 2)
+        else:
+            F._pointwise_tasks(*args, out, klo, khi, code, lo, hi, 0, npix)
+        assert relative_error(out.reshape(want.shape), want) < RTOL, split

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from backends.numba_backend import compile_numba
+from backends.numba_kernels import CPU_FEATURES
 from backends.onnx_backend import compile_onnx
 from backends.onnx_quant import kernel_profile
 from backends.torch_backend import compile_torch
@@ -25,6 +26,16 @@ from passes.calibration import TensorStats, calibrate, run_calibration, uint8_pa
 from passes.quantization import Quantize, quantize_weight
 
 RNG = np.random.default_rng(0)
+
+# ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX-512 VNNI or AVX-VNNI) add
+# pairs of products in 16 bits (vpmaddubsw), which saturates (2 x 255 x 127 > 32767): the reason
+# for its quantizer's ``reduce_range``. There ORT differs from the exact integer reference by
+# more than a requantization step: 0.020-0.027 of the output scale on the tiny net (an AMD Zen 3),
+# and 0.0 with the same weights halved to 7 bits
+# (test_onnx_runtime_is_exact_where_its_16_bit_pair_sums_cannot_saturate). Elsewhere it is
+# within a step or two.
+ORT_SATURATES = not ({"avx512vnni", "avxvnni"} & CPU_FEATURES)
+ORT_INT8_BOUND = 0.05 if ORT_SATURATES else 0.01
 
 
 def randn(*shape) -> np.ndarray:
@@ -274,8 +285,24 @@ def test_int8_deviation_is_bounded_and_every_backend_agrees(tiny, calib):
     with torch.no_grad():
         tq = compile_torch(q)(torch.from_numpy(x)).numpy()
     # integer kernels requantize with their own rounding: within a step or two of the reference
-    assert deviation([sim], [ort]) < 0.01
+    # (more where ORT's pair sums saturate, see ORT_INT8_BOUND); numba's and torch's are exact
+    assert deviation([sim], [ort]) < ORT_INT8_BOUND
     assert deviation([sim], [nb]) < 1e-5 and deviation([sim], [tq]) < 1e-5
+
+
+def test_onnx_runtime_is_exact_where_its_16_bit_pair_sums_cannot_saturate(tiny, calib):
+    # weights halved to 7 bits (|q| <= 64): a pair of u8 x s8 products fits in 16 bits, so ORT's
+    # integer kernels agree with the reference on every CPU; what ORT_INT8_BOUND allows beyond a
+    # requantization step is that saturation alone
+    q = quantized(tiny, calib)
+    for node in q.find("dequantize_linear"):
+        w = node.inputs[0]
+        if w.is_constant and w.dtype == "int8":
+            w.data = (w.data.astype(np.int16) // 2).astype(np.int8)
+    x = calib[:1]
+    (sim,) = run(q, [x])
+    (ort,) = compile_onnx(q).run(x)
+    assert deviation([sim], [ort]) < 0.01
 
 
 def test_onnx_runtime_runs_the_convs_as_integer_kernels(tiny, calib):
@@ -643,7 +670,7 @@ def test_quantize_after_sharing_keeps_the_indices_and_runs_in_integer_kernels(ti
     assert 0 < deviation([want], [sim]) < 0.05
     model = compile_onnx(q)
     (ort,) = model.run(x)
-    assert deviation([sim], [ort]) < 0.01
+    assert deviation([sim], [ort]) < ORT_INT8_BOUND
     kernels = kernel_profile(model.model, [x], runs=2)
     assert kernels.get("QLinearConv", 0) > 0 and "Conv" not in kernels
     numba_model = compile_numba(q)
