@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -84,22 +85,6 @@ def _axpy_row(acc, src, wv, lo, hi, sw, off):
         s = _segment(src, lo, hi, sw, off)
         for q in range(hi - lo):
             a[q] += wv * s[q]
-
-
-@njit(cache=True)
-def _max_row(row, src, lo, hi, sw, off):
-    """row[q] = max(row[q], src[q * sw + off]) for q in [lo, hi)."""
-    if hi <= lo:
-        return
-    a = row[lo:hi]
-    if sw == 1:
-        s = src[lo + off : hi + off]
-        for q in range(hi - lo):
-            a[q] = max(a[q], s[q])
-    else:
-        s = _segment(src, lo, hi, sw, off)
-        for q in range(hi - lo):
-            a[q] = max(a[q], s[q])
 
 
 @njit(cache=True)
@@ -753,25 +738,62 @@ def attention(q, k, v, mask, out, scale, causal, nthreads):
 # -- pooling ---------------------------------------------------------------------------------------
 
 
+@njit(cache=True)
+def _max_plane(plane, dst, hmax, kh, kw, sh, sw, ph, pw, dh, dw):
+    """One plane of max_pool2d, separably: each input row's max over the kernel's columns into
+    ``hmax`` (H, OW) once, then each output row the max of its kernel rows' ``hmax`` rows. The
+    loops index flat arrays with unsigned offsets and are inline, not helper calls on views:
+    rows are short (56 outputs on resnet18's pool), and a call with its views cost ~45 ns, as much
+    as its work; signed indices keep numba's wraparound check, which stops LLVM vectorising, and
+    so does the builtin ``max`` (``np.maximum`` of two scalars vectorises, and propagates NaN as
+    the reference's ``max`` over a window does)."""
+    hgt, wid = plane.shape
+    oh, ow = dst.shape
+    xf, hf, df = plane.reshape(-1), hmax.reshape(-1), dst.reshape(-1)
+    u = numba.uint64
+    for y in range(hgt):
+        row = u(y * ow)
+        for q in range(u(ow)):
+            hf[row + q] = -np.inf
+        for j in range(kw):
+            off = j * dw - pw
+            q0, q1 = _valid_range(off, sw, wid, ow)
+            if q1 <= q0:
+                continue
+            at, n = u(y * wid + q0 * sw + off), u(q1 - q0)
+            out = row + u(q0)
+            if sw == 1:
+                for q in range(n):
+                    hf[out + q] = np.maximum(hf[out + q], xf[at + q])
+            elif sw == 2:
+                for q in range(n):
+                    hf[out + q] = np.maximum(hf[out + q], xf[at + u(2) * q])
+            else:
+                step = u(sw)
+                for q in range(n):
+                    hf[out + q] = np.maximum(hf[out + q], xf[at + step * q])
+    for r in range(oh):
+        d = u(r * ow)
+        for q in range(u(ow)):
+            df[d + q] = -np.inf
+        for i in range(kh):
+            ih = r * sh - ph + i * dh
+            if 0 <= ih < hgt:
+                h = u(ih * ow)
+                for q in range(u(ow)):
+                    df[d + q] = np.maximum(df[d + q], hf[h + q])
+
+
 @njit(parallel=True, cache=True)
 def max_pool2d(x, out, kh, kw, sh, sw, ph, pw, dh, dw):
-    """Max over each window, row-wise; a window of padding only gives -inf (like the reference)."""
+    """Max over each window, separably (_max_plane); a window of padding only gives -inf (like
+    the reference). The old kernel took the max of all kh x kw taps per output row, a strided
+    pass each: 1.7-2.2 ms on resnet18's 3x3/2 pool of 64x112x112 against ORT's 0.23-0.39."""
     n, c, hgt, wid = x.shape
-    oh, ow = out.shape[2], out.shape[3]
+    ow = out.shape[3]
     for t in prange(n * c):
-        plane, dst = x[t // c, t % c], out[t // c, t % c]
-        for r in range(oh):
-            row = dst[r]
-            row[:] = -np.inf
-            for i in range(kh):
-                ih = r * sh - ph + i * dh
-                if ih < 0 or ih >= hgt:
-                    continue
-                src = plane[ih]
-                for j in range(kw):
-                    off = j * dw - pw
-                    q0, q1 = _valid_range(off, sw, wid, ow)
-                    _max_row(row, src, q0, q1, sw, off)
+        hmax = np.empty((hgt, ow), x.dtype)
+        _max_plane(x[t // c, t % c], out[t // c, t % c], hmax, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 @njit(cache=True)
