@@ -20,7 +20,15 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_kernels import CLIP, NONE, RELU, act_inplace, finish_row, softmax_rows
+from .numba_kernels import (
+    CLIP,
+    HAS_AVX512,
+    NONE,
+    RELU,
+    act_inplace,
+    finish_row,
+    softmax_rows,
+)
 from .numba_kernels_f32 import (  # noqa: F401  (conv2d_*, pack_*, ...: called as KC.)
     LANES,  # linear splits its columns in whole vectors and from the fp32 conv's PAR_MACS
     PAR_MACS,
@@ -174,21 +182,25 @@ def conv2d(x, w, b, res, out, sh, sw, ph, pw, dh, dw, groups, act, lo, hi, nthre
 #   two vectors and takes their even lanes; larger column strides run scalar loops.
 
 SLACK = 256  # zeros before and after the copied planes: what lanes past a plane's end read
+VEC_BYTES = 64 if HAS_AVX512 else 32
 PAR_MACS_DIRECT = 1 << 20  # MACs a depthwise layer needs per thread before it is split
 
 
 class _Vec:
-    """Vectors of 64 bytes of ``fty`` (float: 16 lanes, double: 8) for the kernels' IR."""
+    """Vectors of one register of ``fty`` for the kernels' IR: 64 bytes with AVX-512 (float: 16
+    lanes, double: 8), else 32 (AVX2: 8 and 4). A 64-byte vector on AVX2 is a register pair, and
+    the unrolled 3x3 kernel's 9 broadcast weights and accumulators then outgrow its 16 registers."""
 
     def __init__(self, builder, fty):
         self.b = builder
-        self.lanes = lanes = 16 if isinstance(fty, ir.FloatType) else 8
+        single = isinstance(fty, ir.FloatType)
+        self.lanes = lanes = (VEC_BYTES // 4) if single else (VEC_BYTES // 8)
         self.vty = ir.VectorType(fty, lanes)
         self.i32, self.idx = ir.IntType(32), ir.IntType(64)
         self.iota = ir.Constant(ir.VectorType(self.i32, lanes), list(range(lanes)))
         self.zero = ir.Constant(self.vty, [0.0] * lanes)
-        self.align = 64 // lanes
-        name = f"v{lanes}{'f32' if lanes == 16 else 'f64'}"
+        self.align = 4 if single else 8
+        name = f"v{lanes}{'f32' if single else 'f64'}"
         mty, vp, i32 = ir.VectorType(ir.IntType(1), lanes), self.vty.as_pointer(), self.i32
         declare = functools.partial(cgutils.get_or_insert_function, builder.module)
         self._fma = declare(ir.FunctionType(self.vty, [self.vty] * 3), f"llvm.fma.{name}")
