@@ -86,6 +86,9 @@ def cpu_features() -> frozenset[str]:
 
 
 CPU_FEATURES = cpu_features()
+# output channels per block of a packed fp32 conv weight (numba_kernels_f32.pack_weight): one
+# AVX-512 register of float32, two of AVX2's; the layout is the same on every CPU
+LANES = 16
 # 512-bit registers: 32 of them; without AVX-512 (AVX2) a <16 x float> is two of 16 ymm registers
 HAS_AVX512 = "avx512f" in CPU_FEATURES
 

@@ -10,6 +10,7 @@ import pytest
 
 from backends import numba_kernels as K
 from backends import numba_kernels_f32 as F
+from backends import numba_kernels_pointwise as PW
 from backends.numba_backend import compile_numba
 from compiler.interpreter import run
 from compiler.ir import Graph
@@ -207,7 +208,7 @@ def test_small_cnn_through_compile_numba_uses_the_kernel():
     (1, 16, 5, (24, 24), True, EPILOGUES[1]),    # whole tiles only, 5 of a 16-channel block
 ])
 def test_pointwise_kernel_is_the_reference(n, c, o, hw, residual, epilogue):
-    # the pixel-vector 1x1 kernel that CPUs without AVX-512 run (F.POINTWISE), here on any CPU:
+    # the pixel-vector 1x1 kernel that CPUs without AVX-512 run (PW.POINTWISE), here on any CPU:
     # the whole plane on one thread, and split in two by pixel tiles as the threads split it
     x, wt, b = randn(n, c, *hw), randn(o, c, 1, 1), randn(o)
     r = randn(n, o, *hw) if residual else None
@@ -222,7 +223,7 @@ def test_pointwise_kernel_is_the_reference(n, c, o, hw, residual, epilogue):
     for split in (False, True):
         out = np.full((n, o, npix), np.nan, np.float32)
         if split:
-            F._pointwise_parallel(*args, out, klo, khi, code, lo, hi, 2)
+            PW._pointwise_parallel(*args, out, klo, khi, code, lo, hi, 2)
         else:
-            F._pointwise_tasks(*args, out, klo, khi, code, lo, hi, 0, npix)
+            PW._pointwise_tasks(*args, out, klo, khi, code, lo, hi, 0, npix)
         assert relative_error(out.reshape(want.shape), want) < RTOL, split
