@@ -115,6 +115,18 @@ def test_kernel_tile_sizes(xshape, k, stride, padding):
     check_conv(xshape, 33, k, stride, padding, (1, 1), 1, True, True, EPILOGUES[1])
 
 
+@pytest.mark.parametrize("xshape, o, nthreads", [
+    ((1, 40, 7, 7), 36, 1),     # a 7x7 plane: channel-last input where PW.POINTWISE
+    ((2, 17, 4, 5), 20, 2),     # two images, split over two threads
+    ((1, 300, 8, 8), 70, 2),    # CL_MAX_PIXELS pixels, more channels than a 64-channel block
+])
+def test_small_1x1_planes(xshape, o, nthreads):
+    assert xshape[2] * xshape[3] <= F.CL_MAX_PIXELS
+    for epilogue in (EPILOGUES[1], EPILOGUES[3]):
+        check_conv(xshape, o, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, True, epilogue,
+                   nthreads=nthreads)
+
+
 @pytest.mark.parametrize("rows", [8, 7, 6, 5])
 def test_every_cpus_tile_is_exact_here(rows):
     # the tile sizes of other CPUs too (AVX-512's 8 and 7, AVX2's 6 and 5): the IR is generic, so
