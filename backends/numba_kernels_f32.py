@@ -22,13 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numba_kernels import CLIP, HAS_AVX512, LANES, NONE, RELU, act_inplace
-from .numba_kernels_pointwise import (
-    POINTWISE,
-    PW_MIN_PIXELS,
-    PW_TILE,
-    _pointwise_parallel,
-    _pointwise_tasks,
-)
+from .numba_kernels_pointwise import POINTWISE, PW_MIN_PIXELS, conv1x1_pixel_vectors
 
 # Output pixels per micro-kernel call (independent FMA chains; 4 cycles of FMA latency need >= 4),
 # two sizes: a plane uses the one that wastes fewer lanes in its last tile. With AVX-512 (32 zmm
@@ -411,9 +405,10 @@ def pack_bias(b, o: int, groups: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def _channels_last(x, xt):
-    """``xt`` (flat) = each image of ``x`` (N, C, H, W) as (H * W, C). For a 1x1 conv on a small
-    plane the micro-kernel then reads a tile's pixels as C consecutive floats each (bases p * C,
+def _channels_last(x):
+    """(``xt``, bases, offs) for the micro-kernel on a 1x1 conv: ``xt`` (flat) holds each image
+    of ``x`` (N, C, H, W) as (H * W, C), so pixel p's taps are at p * C + k. On a small plane
+    the micro-kernel then reads a tile's pixels as C consecutive floats each (bases p * C,
     offsets k) instead of one cache line per channel: on NCHW input a tile's C lines and its
     weight block outgrew L1 (320 -> 1280 on 7x7: 20 KB each) and the loop ran at the L2's rate.
     Measured on the Zen 3, 1 thread: 0.63-0.73x the time on MobileNetV2's 7x7 1x1 layers,
@@ -422,6 +417,10 @@ def _channels_last(x, xt):
     n, c, h, w = x.shape
     npix = h * w
     xf = x.reshape(-1)
+    xt = np.empty(x.size, np.float32)
+    bases = np.zeros(npix + MAX_ROWS, np.intp)
+    for p in range(npix):
+        bases[p] = p * c
     for ni in range(n):
         base = ni * c * npix
         for p0 in range(0, npix, 16):
@@ -430,6 +429,7 @@ def _channels_last(x, xt):
                     src, dst = base + p, base + p * c
                     for k in range(k0, min(c, k0 + 64)):
                         xt[dst + k] = xf[src + k * npix]
+    return xt, bases, np.arange(c)
 
 
 @njit(cache=True)
@@ -461,14 +461,7 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     chunks = max(1, min(nthreads, macs // PAR_MACS))
     pointwise = kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
     if POINTWISE and pointwise and groups == 1 and npix >= PW_MIN_PIXELS:
-        xf = x.reshape(n_img, c, npix)
-        outf = out.reshape(n_img, o, npix)
-        resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
-        chunks = min(chunks, (npix + PW_TILE - 1) // PW_TILE)
-        if chunks == 1:
-            _pointwise_tasks(xf, packed, bias, resf, outf, lo, hi, act, alo, ahi, 0, npix)
-        else:
-            _pointwise_parallel(xf, packed, bias, resf, outf, lo, hi, act, alo, ahi, chunks)
+        conv1x1_pixel_vectors(x, packed, bias, res, out, lo, hi, act, alo, ahi, chunks)
         return
     # a smaller 1x1 plane (the pixel-vector kernel's are larger) reads a channel-last copy of
     # its input where that kernel exists: see _channels_last
@@ -480,12 +473,7 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
                     act, alo, ahi, rows, chunks)
         return
     if transposed:
-        src = np.empty(x.size, np.float32)
-        _channels_last(x, src)
-        bases = np.zeros(npix + MAX_ROWS, np.intp)
-        for p in range(npix):
-            bases[p] = p * c
-        offs = np.arange(c)
+        src, bases, offs = _channels_last(x)
     elif ph or pw:
         _pad_band(x, ph, pw, 0, hp, xp)
         src = xp

@@ -183,3 +183,20 @@ def _pointwise_parallel(x, packed, bias, res, out, lo, hi, act, alo, ahi, chunks
         q1 = min(x.shape[2], (ch + 1) * tiles // chunks * PW_TILE)
         if q1 > q0:
             _pointwise_tasks(x, packed, bias, res, out, lo, hi, act, alo, ahi, q0, q1)
+
+
+@njit(cache=True)
+def conv1x1_pixel_vectors(x, packed, bias, res, out, lo, hi, act, alo, ahi, chunks):
+    """A 1x1 stride-1 unpadded float32 conv, NCHW (``res`` like ``out``, or empty), with weights
+    packed by ``numba_kernels_f32.pack_weight``, clamped to [lo, hi] in the tile and any other
+    activation after it; on up to ``chunks`` threads, which split the pixel tiles."""
+    n_img, c = x.shape[0], x.shape[1]
+    o, npix = out.shape[1], out.shape[2] * out.shape[3]
+    xf = x.reshape(n_img, c, npix)
+    outf = out.reshape(n_img, o, npix)
+    resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
+    chunks = min(chunks, (npix + PW_TILE - 1) // PW_TILE)
+    if chunks == 1:
+        _pointwise_tasks(xf, packed, bias, resf, outf, lo, hi, act, alo, ahi, 0, npix)
+    else:
+        _pointwise_parallel(xf, packed, bias, resf, outf, lo, hi, act, alo, ahi, chunks)
