@@ -86,6 +86,32 @@ def cpu_features() -> frozenset[str]:
 
 
 CPU_FEATURES = cpu_features()
+
+
+def reduction_loop(builder, n, inits, step):
+    """LLVM IR of ``for k in range(n): values = step(k, values)`` with ``values`` kept in
+    registers (phi nodes) from ``inits``: the reduction loop of the hand-written micro-kernels.
+    Returns the values after the loop, with ``builder`` positioned there."""
+    pre = builder.block
+    head = builder.append_basic_block("loop.head")
+    body = builder.append_basic_block("loop.body")
+    end = builder.append_basic_block("loop.end")
+    builder.branch(head)
+    builder.position_at_end(head)
+    k = builder.phi(n.type)
+    values = [builder.phi(v.type) for v in inits]
+    k.add_incoming(n.type(0), pre)
+    for phi, init in zip(values, inits, strict=True):
+        phi.add_incoming(init, pre)
+    builder.cbranch(builder.icmp_signed("<", k, n), body, end)
+    builder.position_at_end(body)
+    new = step(k, values)
+    k.add_incoming(builder.add(k, n.type(1)), builder.block)
+    for phi, value in zip(values, new, strict=True):
+        phi.add_incoming(value, builder.block)
+    builder.branch(head)
+    builder.position_at_end(end)
+    return values
 # output channels per block of a packed fp32 conv weight (numba_kernels_f32.pack_weight): one
 # AVX-512 register of float32, two of AVX2's; the layout is the same on every CPU
 LANES = 16

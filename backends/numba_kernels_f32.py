@@ -21,7 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_kernels import CLIP, HAS_AVX512, LANES, NONE, RELU, act_inplace
+from .numba_kernels import CLIP, HAS_AVX512, LANES, NONE, RELU, act_inplace, reduction_loop
 from .numba_kernels_pointwise import POINTWISE, PW_MIN_PIXELS, conv1x1_pixel_vectors
 
 # Output pixels per micro-kernel call (independent FMA chains; 4 cycles of FMA latency need >= 4),
@@ -121,36 +121,22 @@ def _conv_tile(rows: int):
                 builder.add(bi, ir.Constant(idx, r))]))]) for r in range(rows)]
             wbase = builder.gep(wp, [wi])
             zero = ir.Constant(v16, [0.0] * LANES)
-            pre = builder.block
-            head = builder.append_basic_block("tile.head")
-            body = builder.append_basic_block("tile.body")
-            end = builder.append_basic_block("tile.end")
-            builder.branch(head)
-            builder.position_at_end(head)
-            k = builder.phi(idx)
-            accs = [builder.phi(v16) for _ in range(rows)]
-            k.add_incoming(ir.Constant(idx, 0), pre)
-            for acc in accs:
-                acc.add_incoming(zero, pre)
-            builder.cbranch(builder.icmp_signed("<", k, n), body, end)
-            builder.position_at_end(body)
-            off = builder.load(builder.gep(offp, [k]))
-            wv = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(
-                k, ir.Constant(idx, LANES))]), v16.as_pointer()), align=4)
-            new = []
             undef = ir.Constant(v16, ir.Undefined)
-            for acc, row in zip(accs, rowp, strict=True):
-                xv = builder.insert_element(undef, builder.load(builder.gep(row, [off])),
-                                            ir.Constant(ir.IntType(32), 0))
-                xv = builder.shuffle_vector(xv, undef, ir.Constant(
-                    ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-                new.append(builder.call(fma, [wv, xv, acc]))
-            k.add_incoming(builder.add(k, ir.Constant(idx, 1)), builder.block)
-            for acc, value in zip(accs, new, strict=True):
-                acc.add_incoming(value, builder.block)
-            builder.branch(head)
 
-            builder.position_at_end(end)
+            def step(k, accs):
+                off = builder.load(builder.gep(offp, [k]))
+                wv = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(
+                    k, ir.Constant(idx, LANES))]), v16.as_pointer()), align=4)
+                new = []
+                for acc, row in zip(accs, rowp, strict=True):
+                    xv = builder.insert_element(undef, builder.load(builder.gep(row, [off])),
+                                                ir.Constant(ir.IntType(32), 0))
+                    xv = builder.shuffle_vector(xv, undef, ir.Constant(
+                        ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+                    new.append(builder.call(fma, [wv, xv, acc]))
+                return new
+
+            accs = reduction_loop(builder, n, [zero] * rows, step)
             bv = builder.load(builder.bitcast(builder.gep(biasp, [ci]), v16.as_pointer()), align=4)
             vecs = [builder.fadd(acc, bv) for acc in accs] + [zero] * (p - rows)
             i32 = ir.IntType(32)

@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # the activation codes, shared with the float kernels (whose import also sets the threading layer)
-from .numba_kernels import CLIP, CPU_FEATURES, NONE, RELU  # noqa: F401
+from .numba_kernels import CLIP, CPU_FEATURES, NONE, RELU, reduction_loop  # noqa: F401
 
 ROWS = 4  # activation rows per micro-kernel call (independent accumulator chains)
 TILE_BYTES = 1 << 18  # one conv tile's im2col and accumulators: within L2
@@ -92,36 +92,22 @@ def _dot_rows(rows: int):
                 lda, ir.Constant(lda.type, r)))]), i32.as_pointer()) for r in range(rows)]
             bbase = builder.gep(bp, [bi])
             zero = ir.Constant(v16, [0] * 16)
-            pre = builder.block
-            head = builder.append_basic_block("dot.head")
-            body = builder.append_basic_block("dot.body")
-            end = builder.append_basic_block("dot.end")
-            builder.branch(head)
-            builder.position_at_end(head)
-            k = builder.phi(n.type)
-            accs = [builder.phi(v16) for _ in range(rows)]
-            k.add_incoming(ir.Constant(n.type, 0), pre)
-            for acc in accs:
-                acc.add_incoming(zero, pre)
-            builder.cbranch(builder.icmp_signed("<", k, n), body, end)
-            builder.position_at_end(body)
-            offset = builder.mul(k, ir.Constant(n.type, 64))
-            bv = builder.load(builder.bitcast(builder.gep(bbase, [offset]), v16.as_pointer()),
-                              align=1)
-            new = []
-            for acc, row in zip(accs, rows_a, strict=True):
-                av = builder.load(builder.gep(row, [k]), align=1)
-                av = builder.insert_element(ir.Constant(v16, ir.Undefined), av,
-                                            ir.Constant(i32, 0))
-                av = builder.shuffle_vector(av, ir.Constant(v16, ir.Undefined),
-                                            ir.Constant(v16, [0] * 16))
-                new.append(_dot_step(builder, acc, av, bv))
-            step = builder.add(k, ir.Constant(n.type, 1))
-            k.add_incoming(step, builder.block)
-            for acc, value in zip(accs, new, strict=True):
-                acc.add_incoming(value, builder.block)
-            builder.branch(head)
-            builder.position_at_end(end)
+
+            def step(k, accs):
+                offset = builder.mul(k, ir.Constant(n.type, 64))
+                bv = builder.load(builder.bitcast(builder.gep(bbase, [offset]),
+                                                  v16.as_pointer()), align=1)
+                new = []
+                for acc, row in zip(accs, rows_a, strict=True):
+                    av = builder.load(builder.gep(row, [k]), align=1)
+                    av = builder.insert_element(ir.Constant(v16, ir.Undefined), av,
+                                                ir.Constant(i32, 0))
+                    av = builder.shuffle_vector(av, ir.Constant(v16, ir.Undefined),
+                                                ir.Constant(v16, [0] * 16))
+                    new.append(_dot_step(builder, acc, av, bv))
+                return new
+
+            accs = reduction_loop(builder, n, [zero] * rows, step)
             for r, acc in enumerate(accs):
                 at = builder.add(ci, builder.mul(ldc, ir.Constant(ldc.type, r)))
                 builder.store(acc, builder.bitcast(builder.gep(cp, [at]), v16.as_pointer()),

@@ -21,7 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_kernels import CLIP, HAS_AVX512, LANES, NONE, RELU, act_inplace
+from .numba_kernels import CLIP, HAS_AVX512, LANES, NONE, RELU, act_inplace, reduction_loop
 
 VEC = 16 if HAS_AVX512 else 8  # float32 lanes of one register
 PW_CH, PW_VECS = 4, 3  # 12 accumulators, 3 vectors of x, 1 broadcast: AVX2's 16 registers
@@ -69,35 +69,22 @@ def _pointwise_tile(nch: int, nvec: int):
 
             xbase, wbase = builder.gep(xpp, [xi]), builder.gep(wp, [wi])
             zero = ir.Constant(vt, [0.0] * VEC)
-            pre = builder.block
-            head = builder.append_basic_block("pw.head")
-            body = builder.append_basic_block("pw.body")
-            end = builder.append_basic_block("pw.end")
-            builder.branch(head)
-            builder.position_at_end(head)
-            k = builder.phi(idx)
-            accs = [[builder.phi(vt) for _ in range(nvec)] for _ in range(nch)]
-            k.add_incoming(ir.Constant(idx, 0), pre)
-            for acc in (a for row in accs for a in row):
-                acc.add_incoming(zero, pre)
-            builder.cbranch(builder.icmp_signed("<", k, n), body, end)
-            builder.position_at_end(body)
-            xrow = builder.mul(k, ldx)
-            xv = [builder.load(vptr(xbase, builder.add(xrow, ir.Constant(idx, v * VEC))),
-                               align=4) for v in range(nvec)]
-            wrow = builder.mul(k, ir.Constant(idx, LANES))
-            new = []
-            for j in range(nch):
-                wv = splat(builder.load(builder.gep(wbase, [builder.add(
-                    wrow, ir.Constant(idx, j))])))
-                new.append([builder.call(fma, [wv, xv[v], accs[j][v]]) for v in range(nvec)])
-            k.add_incoming(builder.add(k, ir.Constant(idx, 1)), builder.block)
-            for row, values in zip(accs, new, strict=True):
-                for acc, value in zip(row, values, strict=True):
-                    acc.add_incoming(value, builder.block)
-            builder.branch(head)
 
-            builder.position_at_end(end)
+            def step(k, flat):
+                xrow = builder.mul(k, ldx)
+                xv = [builder.load(vptr(xbase, builder.add(xrow, ir.Constant(idx, v * VEC))),
+                                   align=4) for v in range(nvec)]
+                wrow = builder.mul(k, ir.Constant(idx, LANES))
+                new = []
+                for j in range(nch):
+                    wv = splat(builder.load(builder.gep(wbase, [builder.add(
+                        wrow, ir.Constant(idx, j))])))
+                    new += [builder.call(fma, [wv, xv[v], flat[j * nvec + v]])
+                            for v in range(nvec)]
+                return new
+
+            flat = reduction_loop(builder, n, [zero] * (nch * nvec), step)
+            accs = [flat[j * nvec : (j + 1) * nvec] for j in range(nch)]
             lov, hiv = splat(lo), splat(hi)
             use_res = builder.icmp_signed("!=", has_res, ir.Constant(idx, 0))
             for j in range(nch):
