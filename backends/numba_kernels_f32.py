@@ -9,7 +9,9 @@ output channels of input index k) and broadcasts pixel r's input ``xp[base_r + o
 ``offs[k] = (c * Hp + ki * dh) * Wp + kj * dw`` and ``base_r`` is the padded-plane offset of output
 pixel r. The epilogue runs in registers: bias, a transpose into 16 channel rows of ``rows`` pixels,
 residual, relu/clip, and stores straight into the NCHW output. Weights are packed once at compile
-time (:func:`pack_weight`) as ``(groups * O16 / 16, K, 16)``, O padded to 16 per group.
+time (:func:`pack_weight`) as ``(groups * O16 / 16, K, 16)``, O padded to 16 per group. A K
+longer than ``KC`` runs in passes over a block of pixels (the tile's raw sums wait in a scratch
+buffer), so the weights of one pass stay in L1 across the block's tiles.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ BAND_TILES = 8
 # 1x1 planes of at most this many pixels read a channel-last copy of their input on the CPUs that
 # run the pixel-vector 1x1 kernel on larger planes (_channels_last)
 CL_MAX_PIXELS = 64
+# K blocking: a layer with more reduction steps than KC runs them in passes of at most KC over
+# each block of pixels, so that a channel block's weights for one pass (KC x 64 bytes) stay in
+# L1 while every tile of the block reads them (_conv_tasks); the tile's raw sums wait in a
+# scratch buffer between passes (ACC_LOAD / ACC_STORE of _conv_tile)
+KC = 256
+ACC_LOAD, ACC_STORE = 1, 2
 
 
 def _transpose_masks(rows: int) -> tuple[list, list]:
@@ -85,97 +93,129 @@ def _transpose_masks(rows: int) -> tuple[list, list]:
 def _conv_tile(rows: int):
     """The micro-kernel of ``rows`` output pixels x 16 output channels (see the module docstring):
 
-    ``out[oi + j * ldo + r] = clamp(sum_k w[wi + 16 k + j] * xp[xi + bases[bi + r] + offs[k]]
-    + bias[ci + j] (+ res[ri + j * ldr + r] if has_res), lo, hi)`` for r < rows, j < nc.
+    ``out[oi + j * ldo + r] = clamp(sum_k w[wi + 16 k + j] * xp[xi + bases[bi + r] + offs[ko + k]]
+    + bias[ci + j] (+ res[ri + j * ldr + r] if has_res), lo, hi)`` for r < rows, j < nc, k < n.
+
+    A layer whose K is split into passes (K blocking, :func:`_conv_tasks`) keeps the raw sums
+    of a tile between passes in ``acc[ai:ai + 16 * rows]`` (pixel-major, 16 channels each):
+    ``mode & ACC_LOAD`` starts from them instead of zero, ``mode & ACC_STORE`` stores them there
+    and skips the epilogue.
     """
 
     stages, labels = _transpose_masks(rows)
     p = len(stages[0])
     per_vec = LANES // p  # channels per vector after the transpose
 
+    def epilogue(builder, accs, outb, ldo, resb, ldr, has_res, bv, lo, hi, nc):
+        """Bias, the transpose into channel rows of ``rows`` pixels, residual, clamp, store."""
+        f32, i32, idx = ir.FloatType(), ir.IntType(32), ldo.type
+        v16, vr = ir.VectorType(f32, LANES), ir.VectorType(f32, rows)
+        undef = ir.Constant(v16, ir.Undefined)
+        vecs = [builder.fadd(acc, bv) for acc in accs]
+        vecs += [ir.Constant(v16, [0.0] * LANES)] * (p - rows)
+        for stage in stages:
+            vecs = [builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(
+                ir.VectorType(i32, LANES), mask)) for a, b, mask in stage]
+
+        def splat(value):
+            return builder.shuffle_vector(
+                builder.insert_element(ir.Constant(vr, ir.Undefined), value, i32(0)),
+                ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
+
+        lov, hiv = splat(lo), splat(hi)
+        use_res = builder.icmp_signed("!=", has_res, idx(0))
+        for j in range(LANES):
+            v, slot = j // per_vec, j % per_vec
+            first = slot * (LANES // per_vec)
+            assert labels[v][first] == (0, j)
+            row = builder.shuffle_vector(vecs[v], undef, ir.Constant(
+                ir.VectorType(i32, rows), list(range(first, first + rows))))
+            with builder.if_then(builder.icmp_signed("<", idx(j), nc), likely=True):
+                before = builder.block
+                with builder.if_then(use_res):
+                    rp = builder.gep(resb, [builder.mul(ldr, idx(j))])
+                    summed = builder.fadd(row, builder.load(
+                        builder.bitcast(rp, vr.as_pointer()), align=4))
+                    added = builder.block
+                merged = builder.phi(vr)
+                merged.add_incoming(row, before)
+                merged.add_incoming(summed, added)
+                row = merged
+                # clamp as compare + select, which keeps NaN like the reference and is one
+                # vmaxps/vminps (llvm.maxnum adds a NaN fix-up: 3 instructions each)
+                row = builder.select(builder.fcmp_ordered("<", row, lov), lov, row)
+                row = builder.select(builder.fcmp_ordered(">", row, hiv), hiv, row)
+                op = builder.gep(outb, [builder.mul(ldo, idx(j))])
+                builder.store(row, builder.bitcast(op, vr.as_pointer()), align=4)
+
     @intrinsic
-    def tile(typingctx, out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, n, w, wi,
-             bias, ci, lo, hi, nc):
+    def tile(typingctx, out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, ko, n, w,
+             wi, bias, ci, lo, hi, nc, acc, ai, mode):
         i, f = types.intp, types.float32
-        sig = types.void(out, i, i, res, i, i, i, xp, i, bases, i, offs, i, w, i, bias, i, f, f, i)
+        sig = types.void(out, i, i, res, i, i, i, xp, i, bases, i, offs, i, i, w, i, bias, i, f, f,
+                         i, acc, i, i)
 
         def codegen(context, builder, signature, args):
-            (out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, n, w, wi, bias, ci, lo,
-             hi, nc) = args
+            (out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, ko, n, w, wi, bias, ci,
+             lo, hi, nc, acc, ai, mode) = args
             aty = signature.args
 
             def data(k, value):
                 return context.make_array(aty[k])(context, builder, value).data
 
-            outp, resp, xpp, basep, offp, wp, biasp = (
+            outp, resp, xpp, basep, offp, wp, biasp, accp = (
                 data(k, v) for k, v in ((0, out), (3, res), (7, xp), (9, bases), (11, offs),
-                                        (13, w), (15, bias)))
-            f32 = ir.FloatType()
-            v16 = ir.VectorType(f32, LANES)
-            vr = ir.VectorType(f32, rows)
+                                        (14, w), (16, bias), (21, acc)))
+            v16 = ir.VectorType(ir.FloatType(), LANES)
             idx = n.type
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
             xbase = builder.gep(xpp, [xi])
             rowp = [builder.gep(xbase, [builder.load(builder.gep(basep, [
-                builder.add(bi, ir.Constant(idx, r))]))]) for r in range(rows)]
+                builder.add(bi, idx(r))]))]) for r in range(rows)]
             wbase = builder.gep(wp, [wi])
+            offb = builder.gep(offp, [ko])
             zero = ir.Constant(v16, [0.0] * LANES)
             undef = ir.Constant(v16, ir.Undefined)
+            accb = builder.gep(accp, [ai])
+            saved = [builder.bitcast(builder.gep(accb, [idx(r * LANES)]), v16.as_pointer())
+                     for r in range(rows)]
+
+            def mode_has(bit):
+                return builder.icmp_signed("!=", builder.and_(mode, idx(bit)), idx(0))
 
             def step(k, accs):
-                off = builder.load(builder.gep(offp, [k]))
+                off = builder.load(builder.gep(offb, [k]))
                 wv = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(
-                    k, ir.Constant(idx, LANES))]), v16.as_pointer()), align=4)
+                    k, idx(LANES))]), v16.as_pointer()), align=4)
                 new = []
                 for acc, row in zip(accs, rowp, strict=True):
                     xv = builder.insert_element(undef, builder.load(builder.gep(row, [off])),
-                                                ir.Constant(ir.IntType(32), 0))
+                                                ir.IntType(32)(0))
                     xv = builder.shuffle_vector(xv, undef, ir.Constant(
                         ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
                     new.append(builder.call(fma, [wv, xv, acc]))
                 return new
 
-            accs = reduction_loop(builder, n, [zero] * rows, step)
-            bv = builder.load(builder.bitcast(builder.gep(biasp, [ci]), v16.as_pointer()), align=4)
-            vecs = [builder.fadd(acc, bv) for acc in accs] + [zero] * (p - rows)
-            i32 = ir.IntType(32)
-            for stage in stages:
-                vecs = [builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(
-                    ir.VectorType(i32, LANES), mask)) for a, b, mask in stage]
-            lov = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vr, ir.Undefined), lo, ir.Constant(i32, 0)),
-                ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
-            hiv = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vr, ir.Undefined), hi, ir.Constant(i32, 0)),
-                ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
-            outb = builder.gep(outp, [oi])
-            resb = builder.gep(resp, [ri])
-            use_res = builder.icmp_signed("!=", has_res, ir.Constant(idx, 0))
-            for j in range(LANES):
-                v, slot = j // per_vec, j % per_vec
-                first = slot * (LANES // per_vec)
-                assert labels[v][first] == (0, j)
-                row = builder.shuffle_vector(vecs[v], undef, ir.Constant(
-                    ir.VectorType(i32, rows), list(range(first, first + rows))))
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(idx, j), nc),
-                                     likely=True):
-                    before = builder.block
-                    with builder.if_then(use_res):
-                        rp = builder.gep(resb, [builder.mul(ldr, ir.Constant(idx, j))])
-                        summed = builder.fadd(row, builder.load(
-                            builder.bitcast(rp, vr.as_pointer()), align=4))
-                        added = builder.block
-                    merged = builder.phi(vr)
-                    merged.add_incoming(row, before)
-                    merged.add_incoming(summed, added)
-                    row = merged
-                    # clamp as compare + select, which keeps NaN like the reference and is one
-                    # vmaxps/vminps (llvm.maxnum adds a NaN fix-up: 3 instructions each)
-                    row = builder.select(builder.fcmp_ordered("<", row, lov), lov, row)
-                    row = builder.select(builder.fcmp_ordered(">", row, hiv), hiv, row)
-                    op = builder.gep(outb, [builder.mul(ldo, ir.Constant(idx, j))])
-                    builder.store(row, builder.bitcast(op, vr.as_pointer()), align=4)
+            start = builder.block
+            with builder.if_then(mode_has(ACC_LOAD)):
+                loaded = [builder.load(a, align=4) for a in saved]
+                resumed = builder.block
+            inits = []
+            for value in loaded:
+                inits.append(builder.phi(v16))
+                inits[-1].add_incoming(zero, start)
+                inits[-1].add_incoming(value, resumed)
+            accs = reduction_loop(builder, n, inits, step)
+            with builder.if_else(mode_has(ACC_STORE)) as (partial, final):
+                with partial:
+                    for value, a in zip(accs, saved, strict=True):
+                        builder.store(value, a, align=4)
+                with final:
+                    bv = builder.load(builder.bitcast(builder.gep(biasp, [ci]),
+                                                      v16.as_pointer()), align=4)
+                    epilogue(builder, accs, builder.gep(outp, [oi]), ldo, builder.gep(resp, [ri]),
+                             ldr, has_res, bv, lo, hi, nc)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -232,21 +272,44 @@ def pixel_bases(oh, ow, sh, sw, wp):
 
 
 @njit(cache=True)
+def _tile_pass(rows, out, ob, ldo, res, rb, ldr, has_res, xp, xi, bases, bb, offs, k0, n, packed,
+               wi, bias, ci, lo, hi, nc, acc, ab, pa, pz, mode):
+    """Reduction steps [k0, k0 + n) of the tiles of ``rows`` pixels starting at pa, pa + rows, ...
+    below pz; the tile at p writes ``out`` from ``ob + p``, reads ``res`` from ``rb + p``, its
+    bases from ``bb + p`` and keeps its sums in ``acc`` from ``ab + 16 p``. One loop per tile
+    size: a call that picks the size inside the loop cost 15 % on 1x1 layers (K = 24), where a
+    tile is ~250 cycles."""
+    wk = wi + k0 * LANES
+    if rows == ROWS_A:
+        for p in range(pa, pz, ROWS_A):
+            _tile_a(out, ob + p, ldo, res, rb + p, ldr, has_res, xp, xi, bases, bb + p, offs, k0,
+                    n, packed, wk, bias, ci, lo, hi, nc, acc, ab + p * LANES, mode)
+    else:
+        for p in range(pa, pz, ROWS_B):
+            _tile_b(out, ob + p, ldo, res, rb + p, ldr, has_res, xp, xi, bases, bb + p, offs, k0,
+                    n, packed, wk, bias, ci, lo, hi, nc, acc, ab + p * LANES, mode)
+
+
+@njit(cache=True)
 def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, t0, t1,
                 q0, q1):
     """Tasks [t0, t1) of (image, channel block of 16, block of the output pixels [q0, q1)): the
-    micro-kernel over the block's full tiles, a scratch tile for a last partial one, then an
-    activation other than a clamp over the written rows. ``res``/``out`` are (N, O, P) flat;
-    ``res`` may be empty; ``bases[p - q0]`` is output pixel p's offset in its padded planes."""
+    micro-kernel over the block's tiles, in passes of at most KC reduction steps (the last,
+    partial tile of the last pass into scratch rows, then copied), then an activation other
+    than a clamp over the written rows. ``res``/``out`` are (N, O, P) flat; ``res`` may be
+    empty; ``bases[p - q0]`` is output pixel p's offset in its padded planes."""
     groups, nbg, cg, hw, npb, pb, rows = geom
     o, npix = out.shape[1], out.shape[2]
     og = o // groups
     kk = offs.shape[0]
+    passes = (kk + KC - 1) // KC
+    kc = (kk + passes - 1) // passes
     has_res = 1 if res.shape[0] > 0 else 0
     outf = out.reshape(-1)
     resf = res.reshape(-1)
     scratch = np.empty(LANES * MAX_ROWS, np.float32)
     rscratch = np.empty(LANES * MAX_ROWS, np.float32)
+    acc = np.empty((pb + MAX_ROWS) * LANES if passes > 1 else 0, np.float32)
     for t in range(t0, t1):
         ni, g = t // (groups * npb * nbg), (t // (npb * nbg)) % groups
         pblk, cb = (t // nbg) % npb, t % nbg
@@ -259,27 +322,23 @@ def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo,
         p0, p1 = q0 + pblk * pb, min(q1, q0 + pblk * pb + pb)
         chan = (ni * o + co0) * npix
         full = p0 + (p1 - p0) // rows * rows
-        # one loop per tile size: a call that picks the size inside the loop cost 15 % on 1x1
-        # layers (K = 24), where a tile is ~250 cycles
-        if rows == ROWS_A:
-            for p in range(p0, full, ROWS_A):
-                _tile_a(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
-                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
-        else:
-            for p in range(p0, full, ROWS_B):
-                _tile_b(outf, chan + p, npix, resf, chan + p, npix, has_res, xp, xi, bases, p - q0,
-                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
+        for kp in range(passes - 1):  # every tile, the partial one too, sums into acc
+            _tile_pass(rows, outf, 0, 0, resf, 0, 0, 0, xp, xi, bases, -q0, offs, kp * kc, kc,
+                       packed, wi, bias, ci, lo, hi, nc, acc, -p0 * LANES, p0, p1,
+                       ACC_STORE | (ACC_LOAD if kp else 0))
+        k0 = (passes - 1) * kc
+        mode = ACC_LOAD if passes > 1 else 0
+        _tile_pass(rows, outf, chan, npix, resf, chan, npix, has_res, xp, xi, bases, -q0, offs,
+                   k0, kk - k0, packed, wi, bias, ci, lo, hi, nc, acc, -p0 * LANES, p0, full,
+                   mode)
         if full < p1:  # the last, partial tile: into scratch rows of ``rows``, then copied
             m = p1 - full
             if has_res:
                 for j in range(nc):
                     rscratch[j * rows : j * rows + m] = res[ni, co0 + j, full:p1]
-            if rows == ROWS_A:
-                _tile_a(scratch, 0, rows, rscratch, 0, rows, has_res, xp, xi, bases, full - q0,
-                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
-            else:
-                _tile_b(scratch, 0, rows, rscratch, 0, rows, has_res, xp, xi, bases, full - q0,
-                        offs, kk, packed, wi, bias, ci, lo, hi, nc)
+            _tile_pass(rows, scratch, -full, rows, rscratch, -full, rows, has_res, xp, xi, bases,
+                       -q0, offs, k0, kk - k0, packed, wi, bias, ci, lo, hi, nc, acc,
+                       -p0 * LANES, full, full + 1, mode)
             for j in range(nc):
                 out[ni, co0 + j, full:p1] = scratch[j * rows : j * rows + m]
         if act != NONE and act != RELU and act != CLIP:
@@ -399,7 +458,9 @@ def _channels_last(x):
     weight block outgrew L1 (320 -> 1280 on 7x7: 20 KB each) and the loop ran at the L2's rate.
     Measured on the Zen 3, 1 thread: 0.63-0.73x the time on MobileNetV2's 7x7 1x1 layers,
     0.88-0.99x on its 14x14 ones, before the copy, which made those slower (CL_MAX_PIXELS).
-    In blocks of 16 pixels x 64 channels: their 64 source lines stay in L1 while 16 rows fill."""
+    The copy reads each channel's plane in order and writes it with stride C (the H * W lines
+    it writes stay in L1 from one channel to the next), with unsigned indices: 25 us for
+    960 x 7 x 7, where blocks of 16 pixels x 64 channels with signed indices took 79."""
     n, c, h, w = x.shape
     npix = h * w
     xf = x.reshape(-1)
@@ -407,14 +468,13 @@ def _channels_last(x):
     bases = np.zeros(npix + MAX_ROWS, np.intp)
     for p in range(npix):
         bases[p] = p * c
+    uc, un = numba.uint64(c), numba.uint64(npix)
     for ni in range(n):
-        base = ni * c * npix
-        for p0 in range(0, npix, 16):
-            for k0 in range(0, c, 64):
-                for p in range(p0, min(npix, p0 + 16)):
-                    src, dst = base + p, base + p * c
-                    for k in range(k0, min(c, k0 + 64)):
-                        xt[dst + k] = xf[src + k * npix]
+        base = numba.uint64(ni * c * npix)
+        for k in range(uc):
+            src = base + k * un
+            for p in range(un):
+                xt[base + p * uc + k] = xf[src + p]
     return xt, bases, np.arange(c)
 
 
@@ -427,12 +487,16 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     generated code calls.
 
     Threads split a layer by bands of output pixels when it has ``BAND_TILES`` tiles per thread
-    or its tiles divide evenly among them: each pads the input rows its band reads into a private
-    buffer (a conv without padding reads the input directly), so a thread reads what it wrote in
-    the previous layer, except the halo rows. Splitting by channel blocks instead made every
-    thread read the whole input, half of it from the other core's cache: a 16x32x32 layer took
-    40 us on 2 threads against 25 us with an input both caches already held. Other layers split
-    by channel blocks (or pixel blocks) of one shared padded input, ``xp``."""
+    or its tiles divide evenly among them, and its weights are no larger than its padded input:
+    each pads the input rows its band reads into a private buffer (a conv without padding reads
+    the input directly), so a thread reads what it wrote in the previous layer, except the halo
+    rows. Splitting by channel blocks instead made every thread read the whole input, half of it
+    from the other core's cache: a 16x32x32 layer took 40 us on 2 threads against 25 us with an
+    input both caches already held. But bands make every thread read all the weights, which
+    costs more where they outweigh the input: ResNet-18's 512->512 3x3 on 7x7 (9.4 MB of
+    weights, 166 KB of input) took 1.65 ms in bands and 1.47 by channel blocks from cold caches
+    (Zen 3, 2 threads, min of 25). Other layers split by channel blocks (or pixel blocks) of one
+    shared padded input, ``xp``."""
     n_img, c, h, w = x.shape
     o, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     cg = c // groups
@@ -453,7 +517,9 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     # its input where that kernel exists: see _channels_last
     transposed = POINTWISE and pointwise and groups == 1 and npix <= CL_MAX_PIXELS
     tiles = (npix + rows - 1) // rows
-    bands = chunks > 1 and (tiles >= BAND_TILES * chunks or tiles % chunks == 0)
+    # bands make every thread read all the weights, channel blocks all the input: the smaller
+    bands = (chunks > 1 and (tiles >= BAND_TILES * chunks or tiles % chunks == 0)
+             and packed.size <= n_img * c * hp * wp)
     if bands and not transposed:
         _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
                     act, alo, ahi, rows, chunks)

@@ -3,17 +3,16 @@
     python benchmarks/latency.py       # resnet18, resnet50, mobilenet_v2, resnet56, pruned too
     python benchmarks/latency.py --models resnet18 --threads 1 --batches 1 --repeats 30 --prune 0
 
-For every model, batch and thread count the three backends take turns in blocks of calls over a
-few rounds (so drift on a shared machine hits all three alike) and the medians are printed with
-their ratios. A peak SGEMM GFLOP/s is measured in the same process (the best of numpy's and
-torch's BLAS on a large square product) and each backend's achieved GFLOP/s is given as a
-fraction of it. The numba package is also saved and loaded in fresh processes: the first compiles
-the kernels (JIT), the second loads them from numba's cache (its time is split into importing
-numpy and numba, which every numba program pays, and the package's own import, load and first run).
-All models use random weights and the ``fuse`` preset; with ``--prune F`` each model is also run
-pruned by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths
-rounded to 8), where torch eager is the pruned model's torch module (``backends/torch_backend.py``).
-"""
+For every model, batch and thread count the three backends take turns in blocks of 4 calls over as
+many rounds as the repeats need (so drift on a shared machine hits all three alike) and the medians
+are printed with their ratios. A peak SGEMM GFLOP/s is measured in the same process (the best of
+numpy's and torch's BLAS on a large square product) and each backend's achieved GFLOP/s is given as
+a fraction of it. The numba package is also saved and loaded in fresh processes: the first compiles
+the kernels (JIT), the second loads them from numba's cache (its time is split into importing numpy
+and numba, which every numba program pays, and the package's own import, load and first run). All
+models use random weights and the ``fuse`` preset; with ``--prune F`` each model is also run pruned
+by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths rounded
+to 8), where torch eager is the pruned model's torch module (``backends/torch_backend.py``)."""
 
 from __future__ import annotations
 
@@ -126,15 +125,18 @@ def runners(model, graph, numba_model, x: torch.Tensor, threads: int) -> dict:
     }
 
 
-def measure(fns: dict, threads: int, repeats: int, rounds: int = 3) -> dict[str, float]:
-    """Median seconds per backend. Backends take turns in blocks of calls, in a rotated order each
-    round; before each block a pause lets the previous backend's spinning pool threads (OpenMP,
-    ONNX Runtime) fall asleep, since on 2 cores they would otherwise steal the next one's cores."""
+def measure(fns: dict, threads: int, repeats: int, per_block: int = 4) -> dict[str, float]:
+    """Median seconds per backend. Backends take turns in blocks of ``per_block`` calls, in a
+    rotated order each round; before each block a pause lets the previous backend's spinning pool
+    threads (OpenMP, ONNX Runtime) fall asleep, since on 2 cores they would otherwise steal the
+    next one's cores. Short blocks: on a shared host a slow spell lasts seconds, and three rounds
+    of 7 calls let one land on a single backend (the same ratio moved 1.00-1.27 between runs)."""
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
-    per_block = max(1, -(-repeats // rounds))
+    rounds = max(3, -(-repeats // per_block))
+    per_block = -(-repeats // rounds)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(0.3)

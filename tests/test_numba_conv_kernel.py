@@ -138,8 +138,8 @@ def test_every_cpus_tile_is_exact_here(rows):
 
     @njit
     def one_tile(out, res, xp, bases, offs, packed, bias, lo, hi, nc):
-        tile(out, 0, rows, res, 0, rows, 1, xp, 2, bases, 1, offs, offs.shape[0], packed, 0,
-             bias, 0, lo, hi, nc)
+        tile(out, 0, rows, res, 0, rows, 1, xp, 2, bases, 1, offs, 0, offs.shape[0], packed, 0,
+             bias, 0, lo, hi, nc, out[:0], 0, 0)
 
     kk, nc = 21, 13
     xp, packed, bias = randn(400), randn(kk, F.LANES), randn(F.LANES)
@@ -154,6 +154,53 @@ def test_every_cpus_tile_is_exact_here(rows):
     got = out.reshape(F.LANES, rows)
     np.testing.assert_allclose(got[:nc], want[:nc], rtol=1e-5, atol=1e-5)
     assert np.isnan(got[nc:]).all()
+
+
+@pytest.mark.parametrize("rows", [8, 6, 5])
+def test_tile_resumes_its_sums_across_k_passes(rows):
+    # K blocking: the first pass stores raw sums (no bias, no epilogue) into acc, the middle one
+    # loads and stores them, the last loads them and runs the epilogue: the same numbers as one
+    # pass over all of K, and out untouched until the last pass
+    from numba import njit
+
+    tile = F._conv_tile(rows)
+
+    @njit
+    def passes(out, res, xp, bases, offs, packed, bias, acc, cuts, modes):
+        for i in range(len(modes)):
+            tile(out, 0, rows, res, 0, rows, 1, xp, 0, bases, 0, offs, cuts[i],
+                 cuts[i + 1] - cuts[i], packed, cuts[i] * F.LANES, bias, 0, np.float32(-np.inf),
+                 np.float32(np.inf), F.LANES, acc, 3, modes[i])
+
+    kk = 40
+    xp, packed, bias = randn(300), randn(kk, F.LANES), randn(F.LANES)
+    bases = np.arange(rows, dtype=np.intp) * 7
+    offs = rng.integers(0, 250, kk).astype(np.intp)
+    res = randn(F.LANES * rows)
+    acc = np.full(3 + F.LANES * rows, np.nan, np.float32)
+    want = (xp[bases[:, None] + offs[None, :]].astype(np.float64) @ packed + bias).T
+    want += res.reshape(F.LANES, rows)
+    for cuts, modes in [((0, 17, kk), (F.ACC_STORE, F.ACC_LOAD)),
+                        ((0, 9, 30, kk), (F.ACC_STORE, F.ACC_LOAD | F.ACC_STORE, F.ACC_LOAD))]:
+        out = np.full(F.LANES * rows, np.nan, np.float32)
+        passes(out, res, xp, bases, offs, packed, bias, acc, np.array(cuts, np.intp),
+               np.array(modes, np.intp))
+        np.testing.assert_allclose(out.reshape(F.LANES, rows), want, rtol=1e-5, atol=1e-5)
+        assert np.isnan(acc[:3]).all()  # writes stay inside acc[ai:]
+
+
+@pytest.mark.parametrize("xshape, o, k, nthreads", [
+    ((1, 64, 9, 11), 20, (3, 3), 1),   # K = 576: three passes of 192; a partial last tile
+    ((2, 40, 7, 7), 33, (3, 3), 2),    # K = 360: two passes; two images on two threads
+    ((1, 300, 8, 8), 24, (1, 1), 2),   # 1x1 on the channel-last copy, K = 300
+])
+def test_layers_with_k_split_into_passes(xshape, o, k, nthreads):
+    kk = xshape[1] * k[0] * k[1]
+    assert kk > F.KC
+    pad = (k[0] // 2, k[1] // 2)
+    for epilogue in (EPILOGUES[1], EPILOGUES[3]):
+        check_conv(xshape, o, k, (1, 1), pad, (1, 1), 1, True, True, epilogue,
+                   nthreads=nthreads)
 
 
 @pytest.mark.parametrize("xshape, o", [((1, 48, 37, 37), 16), ((2, 16, 30, 30), 40)])
