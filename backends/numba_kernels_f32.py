@@ -479,6 +479,23 @@ def _channels_last(x):
 
 
 @njit(cache=True)
+def _subsample(x, sh, sw, oh, ow):
+    """``x[:, :, ::sh, ::sw]`` cut to (oh, ow), contiguous (unsigned indices: the copy's loops
+    then compile without numba's wraparound checks)."""
+    n, c, h, w = x.shape
+    xf = x.reshape(-1)
+    out = np.empty((n, c, oh, ow), np.float32)
+    of = out.reshape(-1)
+    u = numba.uint64
+    for t in range(n * c):
+        for r in range(oh):
+            src, dst = u((t * h + r * sh) * w), u((t * oh + r) * ow)
+            for q in range(u(ow)):
+                of[dst + q] = xf[src + q * u(sw)]
+    return out
+
+
+@njit(cache=True)
 def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
                    groups, act, alo, ahi, nthreads):
     """:func:`conv2d_packed` with its per-layer constants given: ``xp`` a buffer for the padded
@@ -509,13 +526,22 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     rows = best_rows(npix)
     macs = n_img * o * npix * offs.shape[0]
     chunks = max(1, min(nthreads, macs // PAR_MACS))
-    pointwise = kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
-    if POINTWISE and pointwise and groups == 1 and npix >= PW_MIN_PIXELS:
+    pointwise = kh == 1 and kw == 1 and ph == 0 and pw == 0 and groups == 1 and POINTWISE
+    if pointwise and (sh > 1 or sw > 1) and (npix >= PW_MIN_PIXELS or npix <= CL_MAX_PIXELS):
+        # a strided 1x1 conv (a ResNet's downsample) is a 1x1 conv of the subsampled input:
+        # with its copy it takes the two 1x1 paths below, where the tile read two cache lines
+        # per channel for a tile's pixels at stride 2 (64->128 on 56->28: 265 us on 2 threads,
+        # ORT 109-155)
+        x = _subsample(x, sh, sw, oh, ow)
+        sh = sw = 1
+        h, w, hp, wp = oh, ow, oh, ow
+    pointwise = pointwise and sh == 1 and sw == 1
+    if pointwise and npix >= PW_MIN_PIXELS:
         conv1x1_pixel_vectors(x, packed, bias, res, out, lo, hi, act, alo, ahi, chunks)
         return
     # a smaller 1x1 plane (the pixel-vector kernel's are larger) reads a channel-last copy of
     # its input where that kernel exists: see _channels_last
-    transposed = POINTWISE and pointwise and groups == 1 and npix <= CL_MAX_PIXELS
+    transposed = pointwise and npix <= CL_MAX_PIXELS
     tiles = (npix + rows - 1) // rows
     # bands make every thread read all the weights, channel blocks all the input: the smaller
     bands = (chunks > 1 and (tiles >= BAND_TILES * chunks or tiles % chunks == 0)

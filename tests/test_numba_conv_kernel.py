@@ -203,6 +203,19 @@ def test_layers_with_k_split_into_passes(xshape, o, k, nthreads):
                    nthreads=nthreads)
 
 
+@pytest.mark.parametrize("xshape, stride, nthreads", [
+    ((1, 20, 41, 40), (2, 2), 2),   # 21 x 20 = 420 outputs: the pixel-vector 1x1 kernel's size
+    ((2, 9, 15, 16), (2, 3), 1),    # 8 x 6 outputs: the channel-last copy's
+    ((1, 24, 30, 30), (2, 2), 1),   # 15 x 15 = 225 outputs: the tile on the strided input
+])
+def test_strided_1x1_convs(xshape, stride, nthreads):
+    # a downsample 1x1 conv runs as a 1x1 conv of the subsampled input where one of the 1x1
+    # paths takes its output size
+    for epilogue in (EPILOGUES[1], EPILOGUES[3]):
+        check_conv(xshape, 33, (1, 1), stride, (0, 0), (1, 1), 1, True, True, epilogue,
+                   nthreads=nthreads)
+
+
 @pytest.mark.parametrize("xshape, o", [((1, 48, 37, 37), 16), ((2, 16, 30, 30), 40)])
 def test_kernel_splits_large_layers_over_threads(xshape, o):
     # > PAR_MACS: two chunks, with the pixels of one channel block split between them (first) or
