@@ -298,6 +298,7 @@ KERNEL_FILES = {
     "numba_kernels_int8.py": "kernels_int8.py",
     "numba_kernels_f32.py": "kernels_f32.py",
     "numba_kernels_pointwise.py": "kernels_pointwise.py",
+    "numba_kernels_dw.py": "kernels_dw.py",
     "numba_runtime.py": "runtime.py",
 }
 

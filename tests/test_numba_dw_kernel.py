@@ -1,5 +1,5 @@
 """The depthwise conv2d kernel (KC.conv2d_depthwise: AVX-512 plane kernels written as LLVM IR, in
-backends/numba_kernels_conv.py) against the reference conv2d over kernels, strides, paddings,
+backends/numba_kernels_dw.py) against the reference conv2d over kernels, strides, paddings,
 dilations, channel multipliers, sizes and epilogues, and a MobileNet-like block through
 compile_numba."""
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from backends import numba_kernels as K
 from backends import numba_kernels_conv as KC
+from backends import numba_kernels_dw as DW
 from backends.numba_backend import compile_numba
 from compiler import compile as slim_compile
 from compiler.interpreter import run
@@ -32,7 +33,7 @@ EPILOGUES = [
     ("hardswish", None, K.HARDSWISH, 0.0, 0.0),
     ("clip", {"min_val": -0.5, "max_val": None}, K.CLIP, -0.5, np.inf),
 ]
-# the plane kernel _depthwise_layout picks (see the comment above it in numba_kernels_conv.py)
+# the plane kernel _depthwise_layout picks (see the comment above it in numba_kernels_dw.py)
 FLAT1_33, FLAT1_55, FLAT1_ANY, FLAT2_33, FLAT2_55, FLAT2_ANY, ROW1, ROW2, SCALAR = range(9)
 
 
@@ -52,7 +53,7 @@ def kernel_kind(xshape, mult, k, stride, padding, dilation) -> int:
     oh, ow = geometry(xshape, k, stride, padding, dilation)
     c = xshape[1]
     geom = (c, c * mult, xshape[2], xshape[3], oh, ow, *k, *stride, *padding, *dilation)
-    return KC._depthwise_layout(geom, np.empty(0, np.float32))[5]
+    return DW._depthwise_layout(geom, np.empty(0, np.float32))[5]
 
 
 def check_depthwise(xshape, mult, k, stride, padding, dilation, bias, residual, epilogue,
@@ -144,7 +145,7 @@ def test_kernel_float64(stride):
 @pytest.mark.parametrize("xshape, stride", [((1, 256, 32, 32), (1, 1)), ((2, 64, 96, 98), (2, 2))])
 def test_kernel_splits_large_layers_over_threads(xshape, stride):
     oh, ow = geometry(xshape, (3, 3), stride, (1, 1), (1, 1))
-    assert xshape[0] * xshape[1] * oh * ow * 9 >= 2 * KC.PAR_MACS_DIRECT  # two chunks
+    assert xshape[0] * xshape[1] * oh * ow * 9 >= 2 * DW.PAR_MACS_DIRECT  # two chunks
     check_depthwise(xshape, 1, (3, 3), stride, (1, 1), (1, 1), True, True, EPILOGUES[2],
                     nthreads=2)
 
