@@ -90,6 +90,53 @@ def _transpose_masks(rows: int) -> tuple[list, list]:
     return stages, labels
 
 
+def _tile_epilogue(rows, builder, accs, outb, ldo, resb, ldr, has_res, bv, lo, hi, nc):
+    """IR of a tile's epilogue (:func:`_conv_tile`): bias, the transpose of the ``rows``
+    accumulators into 16 channel rows of ``rows`` pixels, residual, clamp, store."""
+    stages, labels = _transpose_masks(rows)
+    p = len(stages[0])
+    per_vec = LANES // p  # channels per vector after the transpose
+    f32, i32, idx = ir.FloatType(), ir.IntType(32), ldo.type
+    v16, vr = ir.VectorType(f32, LANES), ir.VectorType(f32, rows)
+    undef = ir.Constant(v16, ir.Undefined)
+    vecs = [builder.fadd(acc, bv) for acc in accs]
+    vecs += [ir.Constant(v16, [0.0] * LANES)] * (p - rows)
+    for stage in stages:
+        vecs = [builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(
+            ir.VectorType(i32, LANES), mask)) for a, b, mask in stage]
+
+    def splat(value):
+        return builder.shuffle_vector(
+            builder.insert_element(ir.Constant(vr, ir.Undefined), value, i32(0)),
+            ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
+
+    lov, hiv = splat(lo), splat(hi)
+    use_res = builder.icmp_signed("!=", has_res, idx(0))
+    for j in range(LANES):
+        v, slot = j // per_vec, j % per_vec
+        first = slot * (LANES // per_vec)
+        assert labels[v][first] == (0, j)
+        row = builder.shuffle_vector(vecs[v], undef, ir.Constant(
+            ir.VectorType(i32, rows), list(range(first, first + rows))))
+        with builder.if_then(builder.icmp_signed("<", idx(j), nc), likely=True):
+            before = builder.block
+            with builder.if_then(use_res):
+                rp = builder.gep(resb, [builder.mul(ldr, idx(j))])
+                summed = builder.fadd(row, builder.load(
+                    builder.bitcast(rp, vr.as_pointer()), align=4))
+                added = builder.block
+            merged = builder.phi(vr)
+            merged.add_incoming(row, before)
+            merged.add_incoming(summed, added)
+            row = merged
+            # clamp as compare + select, which keeps NaN like the reference and is one
+            # vmaxps/vminps (llvm.maxnum adds a NaN fix-up: 3 instructions each)
+            row = builder.select(builder.fcmp_ordered("<", row, lov), lov, row)
+            row = builder.select(builder.fcmp_ordered(">", row, hiv), hiv, row)
+            op = builder.gep(outb, [builder.mul(ldo, idx(j))])
+            builder.store(row, builder.bitcast(op, vr.as_pointer()), align=4)
+
+
 def _conv_tile(rows: int):
     """The micro-kernel of ``rows`` output pixels x 16 output channels (see the module docstring):
 
@@ -101,52 +148,6 @@ def _conv_tile(rows: int):
     ``mode & ACC_LOAD`` starts from them instead of zero, ``mode & ACC_STORE`` stores them there
     and skips the epilogue.
     """
-
-    stages, labels = _transpose_masks(rows)
-    p = len(stages[0])
-    per_vec = LANES // p  # channels per vector after the transpose
-
-    def epilogue(builder, accs, outb, ldo, resb, ldr, has_res, bv, lo, hi, nc):
-        """Bias, the transpose into channel rows of ``rows`` pixels, residual, clamp, store."""
-        f32, i32, idx = ir.FloatType(), ir.IntType(32), ldo.type
-        v16, vr = ir.VectorType(f32, LANES), ir.VectorType(f32, rows)
-        undef = ir.Constant(v16, ir.Undefined)
-        vecs = [builder.fadd(acc, bv) for acc in accs]
-        vecs += [ir.Constant(v16, [0.0] * LANES)] * (p - rows)
-        for stage in stages:
-            vecs = [builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(
-                ir.VectorType(i32, LANES), mask)) for a, b, mask in stage]
-
-        def splat(value):
-            return builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vr, ir.Undefined), value, i32(0)),
-                ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
-
-        lov, hiv = splat(lo), splat(hi)
-        use_res = builder.icmp_signed("!=", has_res, idx(0))
-        for j in range(LANES):
-            v, slot = j // per_vec, j % per_vec
-            first = slot * (LANES // per_vec)
-            assert labels[v][first] == (0, j)
-            row = builder.shuffle_vector(vecs[v], undef, ir.Constant(
-                ir.VectorType(i32, rows), list(range(first, first + rows))))
-            with builder.if_then(builder.icmp_signed("<", idx(j), nc), likely=True):
-                before = builder.block
-                with builder.if_then(use_res):
-                    rp = builder.gep(resb, [builder.mul(ldr, idx(j))])
-                    summed = builder.fadd(row, builder.load(
-                        builder.bitcast(rp, vr.as_pointer()), align=4))
-                    added = builder.block
-                merged = builder.phi(vr)
-                merged.add_incoming(row, before)
-                merged.add_incoming(summed, added)
-                row = merged
-                # clamp as compare + select, which keeps NaN like the reference and is one
-                # vmaxps/vminps (llvm.maxnum adds a NaN fix-up: 3 instructions each)
-                row = builder.select(builder.fcmp_ordered("<", row, lov), lov, row)
-                row = builder.select(builder.fcmp_ordered(">", row, hiv), hiv, row)
-                op = builder.gep(outb, [builder.mul(ldo, idx(j))])
-                builder.store(row, builder.bitcast(op, vr.as_pointer()), align=4)
 
     @intrinsic
     def tile(typingctx, out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, ko, n, w,
@@ -214,8 +215,8 @@ def _conv_tile(rows: int):
                 with final:
                     bv = builder.load(builder.bitcast(builder.gep(biasp, [ci]),
                                                       v16.as_pointer()), align=4)
-                    epilogue(builder, accs, builder.gep(outp, [oi]), ldo, builder.gep(resp, [ri]),
-                             ldr, has_res, bv, lo, hi, nc)
+                    _tile_epilogue(rows, builder, accs, builder.gep(outp, [oi]), ldo,
+                                   builder.gep(resp, [ri]), ldr, has_res, bv, lo, hi, nc)
             return context.get_dummy_value()
 
         return sig, codegen
