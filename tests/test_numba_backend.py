@@ -380,6 +380,41 @@ def test_pooling(case):
     assert_matches(single(op, [shape], attrs), randn(*shape))
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (3, 1), (4, 2)])
+def test_max_pool_paths_against_torch(kernel):
+    """Every path of the max-pool kernel (the fused 3-row and 3-column loops, stride 2 and any
+    other, the general ones) on planes from 1 to 9 wide, with padding, dilation, ceil mode and
+    a NaN, which a window must propagate, against torch bit for bit."""
+    import torch
+
+    from backends import numba_kernels_conv as KC
+
+    torch_pool = torch.nn.functional.max_pool2d
+    rng = np.random.default_rng(0)
+    kh, kw = kernel
+    checked = 0
+    for h in (1, 2, 5, 7, 9):
+        for w in (1, 3, 6, 9):
+            for s in (1, 2, 3):
+                for p in range(kw // 2 + 1):
+                    for d in (1, 2):
+                        for ceil in (False, True):
+                            x = rng.standard_normal((1, 2, h, w), dtype=np.float32)
+                            x[0, 1, h // 2, w // 2] = np.nan
+                            pads = (min(p, kh // 2), p)
+                            try:
+                                want = torch_pool(torch.from_numpy(x), kernel, s, pads, d,
+                                                  ceil_mode=ceil).numpy()
+                            except RuntimeError:  # torch: the output would be empty
+                                continue
+                            got = np.empty_like(want)
+                            KC.max_pool2d(x, got, kh, kw, s, s, *pads, d, d)
+                            assert np.array_equal(got, want, equal_nan=True), (
+                                kernel, (h, w), s, pads, d, ceil)
+                            checked += 1
+    assert checked > 100
+
+
 def test_ceil_mode_pooling_overhang_is_not_counted():
     for op, extra in [("avg_pool2d", {"count_include_pad": True}), ("max_pool2d", {})]:
         attrs = {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1), "ceil_mode": True, **extra}
