@@ -309,10 +309,23 @@ def is_depthwise(node: Node) -> bool:
 def _linear(gen: Codegen, node: Node) -> None:
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     m, k, o = numel(x.shape[:-1]), x.shape[-1], w.shape[0]
-    xa, wa = gen.arg(x, (m, k)), gen.arg(w)
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    # a constant float32 weight (and bias) is packed at compile time for the conv's micro-kernel
+    # (KC.linear_packed); any other runs KC.linear, which packs a float32 weight per call
+    packed = None
+    if w.is_constant and x.dtype == w.dtype == y.dtype == "float32" and (
+            b is None or b.is_constant):
+        from backends.numba_kernels_f32 import pack_weight
+
+        packed = gen.weight(pack_weight(w.data.reshape(o, k, 1, 1), 1), f"{w.name}_packed")
 
     def core(bias, res, act):
-        gen.call("KC.linear", xa, wa, bias, res, gen.out(y, (m, o)), *act, "nt")
+        xa = gen.arg(x, (m, k))
+        if packed is not None:
+            bias16 = gen.derived(f"_bias16.{node.name}", f"KC.pack_bias({bias}, {o}, 1)")
+            gen.call("KC.linear_packed", xa, packed, bias16, res, gen.out(y, (m, o)), *act, "nt")
+        else:
+            gen.call("KC.linear", xa, gen.arg(w), bias, res, gen.out(y, (m, o)), *act, "nt")
 
     fused = epilogue_args(gen, node, o, (m, o))
     if fused is None:

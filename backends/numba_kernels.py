@@ -8,16 +8,14 @@ generated code passes arrays in a canonical rank (1-D for unary ops, 4-D for bro
 ``cache=True``: a second process loads machine code from ``__pycache__`` instead of compiling.
 
 Threading: kernels marked ``parallel=True`` split work with ``prange`` into ``nthreads`` chunks
-(an argument: ``numba.get_num_threads()`` inside a jitted function makes it uncacheable). BLAS is
-made single-threaded (:func:`single_threaded_blas`) so that the only thread pool is numba's (two
-pools of spinning workers fought on 2 cores; shared/PERF_NOTES.md), and numba's OpenMP layer comes
-first: entering a parallel region costs ~3.5 us there, ~95 us with ``workqueue`` (the fallback).
+(an argument: ``numba.get_num_threads()`` inside a jitted function makes it uncacheable). No
+kernel calls BLAS (numba's ``np.dot`` needs SciPy's), so the only thread pool is numba's, and its
+OpenMP layer comes first: entering a parallel region costs ~3.5 us there, ~95 us with
+``workqueue`` (the fallback).
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
 import os
 
@@ -40,33 +38,6 @@ NONE, RELU, CLIP, HARDSWISH, HARDSIGMOID, SILU, GELU, GELU_TANH, SIGMOID, TANH =
 NEG, EXP, SQRT, RSQRT, ABS, LOG = range(10, 16)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
-
-
-def single_threaded_blas() -> bool:
-    """Make SciPy's OpenBLAS (which numba's ``np.dot`` calls) use one thread; True if it was found.
-
-    The kernels parallelise GEMMs themselves, one tile per numba thread; a multi-threaded BLAS
-    called from several threads at once would oversubscribe the cores.
-    """
-    try:
-        import scipy
-    except ImportError:
-        return False
-    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
-    for path in glob.glob(os.path.join(libs, "libscipy_openblas*.so*")):
-        lib = ctypes.CDLL(path)
-        for name in (
-            "scipy_openblas_set_num_threads",
-            "scipy_openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            if hasattr(lib, name):
-                getattr(lib, name)(1)
-                return True
-    return False
-
-
-single_threaded_blas()
 
 
 def cpu_features() -> frozenset[str]:
@@ -112,6 +83,8 @@ def reduction_loop(builder, n, inits, step):
     builder.branch(head)
     builder.position_at_end(end)
     return values
+
+
 # output channels per block of a packed fp32 conv weight (numba_kernels_f32.pack_weight): one
 # AVX-512 register of float32, two of AVX2's; the layout is the same on every CPU
 LANES = 16

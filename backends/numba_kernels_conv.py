@@ -1,12 +1,14 @@
-"""Numba kernels for the heavy ops: conv2d (tiled im2col + BLAS; float32 with constant weights runs
+"""Numba kernels for the heavy ops: conv2d (tiled im2col + GEMM; float32 with constant weights runs
 on the implicit GEMM of numba_kernels_f32, re-exported here as ``conv2d_packed`` /
 ``conv2d_planned``, and depthwise convs on the direct kernel of numba_kernels_dw, re-exported as
 ``conv2d_depthwise``), linear, batched matmul, attention and pooling. Saved packages get a copy as
 ``kernels_conv.py``.
 
-Every GEMM is ``np.dot`` (single-threaded BLAS) on a tile, called from a ``prange`` over tiles, so
-packing, the GEMM and the fused epilogue ``act(y + bias + residual)`` of one tile run on one thread
-while the tile is in cache; the epilogue is never a separate pass over memory.
+Every GEMM is single-threaded on a tile (``gemm``/``gemm_t`` of numba_kernels_f32: float32 on
+the conv's micro-kernel, other dtypes by loops; no BLAS, which numba reaches through SciPy),
+called from a ``prange`` over tiles, so packing, the GEMM and the fused epilogue
+``act(y + bias + residual)`` of one tile run on one thread while the tile is in cache; the
+epilogue is never a separate pass over memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .numba_kernels_f32 import (  # noqa: F401  (conv2d_*, pack_*, ...: called a
     PAR_MACS,
     conv2d_packed,
     conv2d_planned,
+    gemm,
+    gemm_packed,
+    gemm_t,
     pack_bias,
     pack_weight,
     pixel_bases,
@@ -114,7 +119,7 @@ def conv2d(x, w, b, res, out, sh, sw, ph, pw, dh, dw, groups, act, lo, hi, nthre
     """General conv2d (NCHW, OIHW; any stride, padding, dilation, groups) with fused epilogue.
 
     Work is split into tiles of whole output rows (image, group, row block); each tile is packed
-    (im2col), multiplied with the group's weight matrix by BLAS and finished row by row.
+    (im2col), multiplied with the group's weight matrix (``gemm``) and finished row by row.
     ``b`` (O,) and ``res`` (like ``out``) may have size 0 when absent.
     """
     n, _, _, _ = x.shape
@@ -144,7 +149,7 @@ def conv2d(x, w, b, res, out, sh, sw, ph, pw, dh, dw, groups, act, lo, hi, nthre
             cols = buf[: kk * p].reshape(kk, p)
             acc = acc_buf[: og * p].reshape(og, p)
             _pack(x[ni], g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, ow, cols)
-            np.dot(wm[g], cols, acc)
+            gemm(wm[g], cols, acc)
             for oc in range(og):
                 co = g * og + oc
                 bias = b[co] if b.shape[0] > 0 else 0.0
@@ -170,7 +175,7 @@ def linear(x, w, b, res, out, act, lo, hi, nthreads):
         n0 = cj * (n // LANES) // csplit * LANES
         n1 = n if cj == csplit - 1 else (cj + 1) * (n // LANES) // csplit * LANES
         acc = np.empty((m1 - m0, n1 - n0), x.dtype)
-        np.dot(x[m0:m1], w[n0:n1].T, acc)
+        gemm_t(x[m0:m1], w[n0:n1], acc)
         for i in range(m1 - m0):
             row = acc[i]
             if b.shape[0] > 0:
@@ -178,6 +183,25 @@ def linear(x, w, b, res, out, act, lo, hi, nthreads):
                     row[j] += b[n0 + j]
             r = res[m0 + i, n0:n1] if res.shape[0] > 0 else acc[0, 0:0]
             finish_row(row, out[m0 + i, n0:n1], 0.0, r, act, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def linear_packed(x, packed, bias, res, out, act, lo, hi, nthreads):
+    """:func:`linear` of a float32 weight packed at compile time (``pack_weight`` of (N, K, 1,
+    1); ``bias`` padded by ``pack_bias``), on the conv's micro-kernel (``gemm_packed``). Threads
+    take blocks of rows, or with fewer than 8 rows per thread blocks of 16 columns: a batch-1
+    classifier head is a matrix-vector product, bound by reading the weight, which each thread
+    then reads a part of."""
+    m, k = x.shape
+    nb = packed.shape[0]
+    threads = max(1, min(nthreads, m * nb * LANES * k // PAR_MACS))
+    rsplit = max(1, min(threads, m // 8))
+    csplit = max(1, min(threads // rsplit, nb))
+    xc = np.ascontiguousarray(x)
+    for ch in prange(rsplit * csplit):
+        ri, cj = ch // csplit, ch % csplit
+        gemm_packed(xc, packed, bias, res, out, act, lo, hi, ri * m // rsplit,
+                    (ri + 1) * m // rsplit, cj * nb // csplit, (cj + 1) * nb // csplit)
 
 
 @njit(parallel=True, cache=True)
@@ -194,7 +218,7 @@ def matmul(a, b, out, nthreads):
             m0, m1 = s * m // split, (s + 1) * m // split
             left = a[i if a.shape[0] > 1 else 0]
             right = b[i if b.shape[0] > 1 else 0]
-            np.dot(left[m0:m1], right, out[i, m0:m1])
+            gemm(left[m0:m1], right, out[i, m0:m1])
 
 
 @njit(parallel=True, cache=True)
@@ -206,7 +230,7 @@ def attention(q, k, v, mask, out, scale, causal, nthreads):
     for ch in prange(chunks):
         s = np.empty((lq, lk), q.dtype)
         for i in range(ch * nb // chunks, (ch + 1) * nb // chunks):
-            np.dot(q[i], k[i].T, s)
+            gemm_t(q[i], k[i], s)
             mk = mask[i if mask.shape[0] > 1 else 0] if mask.shape[0] > 0 else s[0:0]
             for r in range(lq):
                 for c in range(lk):
@@ -217,7 +241,7 @@ def attention(q, k, v, mask, out, scale, causal, nthreads):
                         val = -math.inf
                     s[r, c] = val
             softmax_rows(s)
-            np.dot(s, v[i], out[i])
+            gemm(s, v[i], out[i])
 
 
 # -- pooling ---------------------------------------------------------------------------------------

@@ -316,18 +316,50 @@ def test_linear_with_fused_epilogue(xshape, act, act_attrs):
     assert_matches(g, randn(*xshape), randn(*xshape[:-1], 5))
 
 
-@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("m", [1, 7, 20, 300])
 def test_linear_kernel_splits_rows_or_columns_among_threads(m):
-    """Few rows: blocks of output columns (1003: not whole vectors) per thread; many: rows."""
+    """Few rows: blocks of output columns (1003: not whole vectors) per thread; many: rows (300
+    rows: two row blocks of the GEMM, the last tile partial). Both kernels: the weight as it is
+    (packed per call) and packed at compile time; K = 2048 runs in 8 passes."""
     from backends import numba_kernels as K
     from backends import numba_kernels_conv as KC
 
     x, w, b, r = randn(m, 2048), randn(1003, 2048), randn(1003), randn(m, 1003)
     want = np.maximum(x.astype(np.float64) @ w.T.astype(np.float64) + b + r, 0)
+    packed, bias16 = KC.pack_weight(w.reshape(1003, 2048, 1, 1), 1), KC.pack_bias(b, 1003, 1)
     for nthreads in (1, 2, 3):
         out = np.full((m, 1003), np.nan, np.float32)
         KC.linear(x, w, b, r, out, K.RELU, 0.0, 0.0, nthreads)
         assert relative_error(out, want) < 1e-5, nthreads
+        out = np.full((m, 1003), np.nan, np.float32)
+        KC.linear_packed(x, packed, bias16, r, out, K.RELU, 0.0, 0.0, nthreads)
+        assert relative_error(out, want) < 1e-5, nthreads
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gemm_without_blas(dtype):
+    """The kernels' GEMM (no BLAS: numba's np.dot needs SciPy) against float64 numpy, on shapes
+    around the micro-kernel's sizes (tiles of 5/6 or 7/8 rows, 16 columns, passes of 256 over K)
+    and on strided views of both operands; 1-4 rows run row by row (_gemv_block), K = 1001 leaves
+    a remainder past its 4 chains."""
+    from numba import njit
+
+    from backends import numba_kernels_f32 as F
+
+    @njit
+    def both(a, b, bt, c, ct):
+        F.gemm(a, b, c)
+        F.gemm_t(a, bt, ct)
+
+    rng = np.random.default_rng(0)
+    for m, k, n in [(1, 3, 1), (3, 1001, 20), (4, 4, 16), (5, 256, 16), (6, 257, 17), (9, 40, 33),
+                    (250, 600, 48)]:
+        a = rng.standard_normal((m, 2 * k)).astype(dtype)[:, ::2]
+        b = rng.standard_normal((k, n)).astype(dtype)
+        c, ct = np.full((m, n), np.nan, dtype), np.full((m, n), np.nan, dtype)
+        both(a, b, b.T, c, ct)
+        want = a.astype(np.float64) @ b.astype(np.float64)
+        assert relative_error(c, want) < 1e-5 and relative_error(ct, want) < 1e-5, (m, k, n)
 
 
 def test_linear_with_broadcast_bias_and_weight_as_input():
@@ -476,18 +508,31 @@ def test_source_has_one_kernel_line_per_node():
 
 # -- saved packages --------------------------------------------------------------------------------
 
+# a saved package needs numpy and numba only: torch, SciPy (whose BLAS numba's np.dot calls) and
+# this repository are blocked
 BLOCK_TORCH = textwrap.dedent("""
     import importlib.abc, sys
     class NoTorch(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith(("torch.", "compiler", "backends")):
+            if name in ("torch", "scipy") or name.startswith(
+                    ("torch.", "scipy.", "compiler", "backends")):
                 raise ImportError(f"{name} is blocked in this test")
     sys.meta_path.insert(0, NoTorch())
 """)
 
 
-def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
+def package_graph() -> Graph:
+    """chain_graph(2), then a linear layer and a matmul: every kind of GEMM a package runs."""
     g = chain_graph(2)
+    h = g.outputs[0]
+    h = g.add_node("linear", [h, g.constant(randn(6, 8), "fc.w"), g.constant(randn(6), "fc.b")],
+                   {"activation": "relu"}).outputs[0]
+    g.outputs = [g.add_node("matmul", [h, g.constant(randn(6, 3), "proj")]).outputs[0]]
+    return g
+
+
+def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
+    g = package_graph()
     model = compile_numba(g)
     x = randn(1, 8, 12, 12)
     want = model.run(x)[0]
@@ -511,7 +556,7 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
                 m.run(bad)
             except pkg.InputError as e:
                 print("InputError:", e)
-        assert "torch" not in sys.modules
+        assert "torch" not in sys.modules and "scipy" not in sys.modules
     """)
     for _ in range(2):  # the second process loads the kernels from the package's numba cache
         done = subprocess.run(
