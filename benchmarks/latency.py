@@ -9,7 +9,9 @@ are printed with their ratios. A peak SGEMM GFLOP/s is measured in the same proc
 numpy's and torch's BLAS on a large square product) and each backend's achieved GFLOP/s is given as
 a fraction of it. The numba package is also saved and loaded in fresh processes: the first compiles
 the kernels (JIT), the second loads them from numba's cache (its time is split into importing numpy
-and numba, which every numba program pays, and the package's own import, load and first run). All
+and numba, which every numba program pays, and the package's own import, load and first run), a
+third where SciPy cannot be imported (numpy and numba only; where SciPy is installed numba imports
+it on first use, 0.25-0.4 s, though the kernels never call BLAS). All
 models use random weights and the ``fuse`` preset; with ``--prune F`` each model is also run pruned
 by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths rounded
 to 8), where torch eager is the pruned model's torch module (``backends/torch_backend.py``)."""
@@ -145,6 +147,16 @@ def measure(fns: dict, threads: int, repeats: int, per_block: int = 4) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# a user's environment with numpy and numba only: SciPy blocked (numba imports it on first use when
+# it is installed, to look for BLAS, which the kernels do not call)
+NO_SCIPY = textwrap.dedent("""
+    import sys
+    class NoScipy:
+        def find_spec(self, name, path=None, target=None):
+            if name == "scipy" or name.startswith("scipy."):
+                raise ImportError(name)
+    sys.meta_path.insert(0, NoScipy())
+""")
 LOAD_SCRIPT = textwrap.dedent("""
     import sys, time
     start = time.perf_counter()
@@ -159,20 +171,21 @@ LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float, float]:
+def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float, float, float]:
     """Seconds to import, load and run a saved package in a fresh process: first (JIT compile of
-    the package's kernels), second (kernels from numba's cache), and the part of the second spent
-    importing numpy and numba."""
+    the package's kernels), second (kernels from numba's cache), the part of the second spent
+    importing numpy and numba, and a third, cached, where SciPy cannot be imported."""
     with tempfile.TemporaryDirectory() as tmp:
         path = numba_model.save(os.path.join(tmp, "bench_pkg"))
         script = LOAD_SCRIPT.format(parent=tmp, name=path.name, shape=shape)
         times = []
-        for _ in range(2):
+        for prefix in ("", "", NO_SCIPY):
             done = subprocess.run(
-                [sys.executable, "-c", script], capture_output=True, text=True, check=True
+                [sys.executable, "-c", prefix + script], capture_output=True, text=True,
+                check=True
             )
             times.append([float(t) for t in done.stdout.split()[-2:]])
-    return times[0][0], times[1][0], times[1][1]
+    return times[0][0], times[1][0], times[1][1], times[2][0]
 
 
 def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
@@ -213,7 +226,7 @@ def bench_variant(label, eager, graph, x, load: bool, args, peaks) -> list[dict]
     numba_model.run(x.numpy())
     warm_compile = time.perf_counter() - start
     nan = float("nan")
-    jit, cached, libraries = load_times(numba_model, tuple(x.shape)) if load else (nan,) * 3
+    jit, cached, libraries, bare = load_times(numba_model, tuple(x.shape)) if load else (nan,) * 4
     rows = []
     for threads in args.threads:
         fns = runners(eager, graph, numba_model, x, threads)
@@ -227,6 +240,7 @@ def bench_variant(label, eager, graph, x, load: bool, args, peaks) -> list[dict]
             "jit": jit,
             "cached": cached,
             "libraries": libraries,
+            "bare": bare,
             "compile": warm_compile,
             **{k: v * 1e3 for k, v in med.items()},
         }
@@ -256,12 +270,14 @@ def summary(rows: list[dict]) -> str:
     jit = [r["jit"] for r in rows if r["jit"] == r["jit"]]
     cached = [r["cached"] for r in rows if r["cached"] == r["cached"]]
     own = [r["cached"] - r["libraries"] for r in rows if r["cached"] == r["cached"]]
+    bare = [r["bare"] for r in rows if r["bare"] == r["bare"]]
     target = [f"{r['model']} {r['numba'] / r['ort']:.2f}" for r in rows
               if r["batch"] == 1 and r["threads"] == 2]
     slower = sum(r["numba"] > r["torch"] for r in rows)
     loads = (
         f"; package load {statistics.median(jit):.1f} s with JIT, {statistics.median(cached):.2f} "
-        f"s cached ({statistics.median(own):.2f} s past importing numpy and numba)"
+        f"s cached ({statistics.median(own):.2f} s past importing numpy and numba), "
+        f"{statistics.median(bare):.2f} s cached without SciPy"
         if jit else ""
     )
     return (
@@ -299,7 +315,8 @@ def main() -> int:
         rows += bench_model(name, args, peaks)
     print(
         "\nJIT = first load of the saved package in a fresh process (compiles the kernels); "
-        "cached = second load"
+        "cached = second load; without SciPy = a third, cached, where SciPy cannot be imported "
+        "(numpy and numba only)"
     )
     for r in rows:
         if r["jit"] == r["jit"] and r["threads"] == args.threads[0]:
@@ -307,7 +324,7 @@ def main() -> int:
                 f"{r['model']:<19} batch {r['batch']}: {r['gflop']:.2f} GFLOP, in-process "
                 f"compile {r['compile']:.1f} s, package JIT {r['jit']:.1f} s, "
                 f"cached {r['cached']:.2f} s ({r['libraries']:.2f} s of it importing numpy "
-                f"and numba)"
+                f"and numba), {r['bare']:.2f} s without SciPy"
             )
     print(summary(rows))
     return 0
