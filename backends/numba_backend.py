@@ -299,6 +299,7 @@ KERNEL_FILES = {
     "numba_kernels_f32.py": "kernels_f32.py",
     "numba_kernels_pointwise.py": "kernels_pointwise.py",
     "numba_kernels_dw.py": "kernels_dw.py",
+    "numba_kernels_gemm.py": "kernels_gemm.py",
     "numba_runtime.py": "runtime.py",
 }
 

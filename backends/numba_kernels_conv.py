@@ -4,7 +4,7 @@ on the implicit GEMM of numba_kernels_f32, re-exported here as ``conv2d_packed``
 ``conv2d_depthwise``), linear, batched matmul, attention and pooling. Saved packages get a copy as
 ``kernels_conv.py``.
 
-Every GEMM is single-threaded on a tile (``gemm``/``gemm_t`` of numba_kernels_f32: float32 on
+Every GEMM is single-threaded on a tile (``gemm``/``gemm_t`` of numba_kernels_gemm: float32 on
 the conv's micro-kernel, other dtypes by loops; no BLAS, which numba reaches through SciPy),
 called from a ``prange`` over tiles, so packing, the GEMM and the fused epilogue
 ``act(y + bias + residual)`` of one tile run on one thread while the tile is in cache; the
@@ -29,14 +29,12 @@ from .numba_kernels_f32 import (  # noqa: F401  (conv2d_*, pack_*, ...: called a
     PAR_MACS,
     conv2d_packed,
     conv2d_planned,
-    gemm,
-    gemm_packed,
-    gemm_t,
     pack_bias,
     pack_weight,
     pixel_bases,
     tap_offsets,
 )
+from .numba_kernels_gemm import gemm, gemm_packed, gemm_t
 
 # Target size (elements) of one im2col tile: a few hundred KiB, so the tile and its GEMM output
 # stay in the L2 cache while the epilogue reads them.

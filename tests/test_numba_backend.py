@@ -344,12 +344,12 @@ def test_gemm_without_blas(dtype):
     a remainder past its 4 chains."""
     from numba import njit
 
-    from backends import numba_kernels_f32 as F
+    from backends import numba_kernels_gemm as G
 
     @njit
     def both(a, b, bt, c, ct):
-        F.gemm(a, b, c)
-        F.gemm_t(a, bt, ct)
+        G.gemm(a, b, c)
+        G.gemm_t(a, bt, ct)
 
     rng = np.random.default_rng(0)
     for m, k, n in [(1, 3, 1), (3, 1001, 20), (4, 4, 16), (5, 256, 16), (6, 257, 17), (9, 40, 33),
@@ -541,7 +541,8 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
     path = model.save(tmp_path / "pkg")
     assert sorted(os.listdir(path)) == sorted(
         ["__init__.py", "model.py", "kernels.py", "kernels_conv.py", "kernels_int8.py",
-         "kernels_f32.py", "kernels_pointwise.py", "kernels_dw.py", "runtime.py", "weights.npz"]
+         "kernels_f32.py", "kernels_pointwise.py", "kernels_dw.py", "kernels_gemm.py",
+         "runtime.py", "weights.npz"]
     )
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left behind
     np.save(tmp_path / "x.npy", x)
