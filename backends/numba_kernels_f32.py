@@ -403,9 +403,14 @@ def _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups
         hb = oy1 * sh + dh * (kh - 1) + 1 - iy0
         xb = np.empty(n_img * c * hb * wp, np.float32)
         _pad_band(x, ph, pw, iy0, hb, xb)
+    # pixel by pixel without a division per pixel (512 of them took 1.7 us, this 0.5)
     bases = np.zeros(q1 - q0 + MAX_ROWS, np.intp)
-    for p in range(q0, q1):
-        bases[p - q0] = ((p // ow) * sh - iy0) * wp + (p % ow) * sw
+    ox, row = q0 % ow, (oy0 * sh - iy0) * wp
+    for i in range(q1 - q0):
+        bases[i] = row + ox * sw
+        ox += 1
+        if ox == ow:
+            ox, row = 0, row + sh * wp
     offs = tap_offsets(c // groups, kh, kw, dh, dw, hb, wp)
     nbg = packed.shape[0] // groups
     geom = (groups, nbg, c // groups, hb * wp, 1, q1 - q0, rows)
