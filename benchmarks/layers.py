@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from latency import measure, ort_session  # noqa: E402
 
 import compiler  # noqa: E402
+from benchmarks.latency import measure, ort_session  # noqa: E402
 
 # (in channels, out channels, plane size, kernel, stride, groups, residual)
 DEFAULT = (
