@@ -112,6 +112,29 @@ class _Vec:
         align = ir.Constant(self.i32, self.align)
         self.b.call(self._store, [value, self.ptr(base, offset), align, mask])
 
+    def load_part(self, whole, base, offset, mask):
+        """A plain load where ``whole`` (an i1: every lane valid), else a masked one; masked
+        loads and stores (vmaskmovps) are slow on Zen 3, so only a partial vector takes them."""
+        with self.b.if_else(whole, likely=True) as (plain, masked):
+            with plain:
+                full = self.load(base, offset)
+                full_block = self.b.block
+            with masked:
+                part = self.mload(base, offset, mask)
+                part_block = self.b.block
+        value = self.b.phi(self.vty)
+        value.add_incoming(full, full_block)
+        value.add_incoming(part, part_block)
+        return value
+
+    def store_part(self, whole, value, base, offset, mask):
+        """A plain store where ``whole``, else a masked one (see :meth:`load_part`)."""
+        with self.b.if_else(whole, likely=True) as (plain, masked):
+            with plain:
+                self.store(value, base, offset)
+            with masked:
+                self.mstore(value, base, offset, mask)
+
     def fma(self, a, x, acc):
         return self.b.call(self._fma, [a, x, acc])
 
@@ -325,22 +348,12 @@ class _LayerIR:
         for accp in self.accs[1:]:
             acc = b.fadd(acc, b.load(accp))
         # a whole vector loads and stores plainly, only a plane's (or row's) last one under the
-        # mask: a masked store (vmaskmovps) per vector is slow on the Zen 3; with it 144 x 56 x 56
-        # stride 1 took 584 us at 1 thread, without 355 (ORT's in-model layer: 430)
+        # mask: with a masked store per vector 144 x 56 x 56 stride 1 took 584 us at 1 thread on
+        # the Zen 3, without 355 (ORT's in-model layer: 430)
         whole = b.icmp_signed(">=", count, v.const(v.lanes))
         before = b.block
         with b.if_then(self.use_res):
-            with b.if_else(whole, likely=True) as (plain, masked):
-                with plain:
-                    rplain = v.load(self.resp, ooff)
-                    rp_block = b.block
-                with masked:
-                    rmasked = v.mload(self.resp, ooff, smask)
-                    rm_block = b.block
-            rv = b.phi(v.vty)
-            rv.add_incoming(rplain, rp_block)
-            rv.add_incoming(rmasked, rm_block)
-            summed = b.fadd(acc, rv)
+            summed = b.fadd(acc, v.load_part(whole, self.resp, ooff, smask))
             added = b.block
         merged = b.phi(v.vty)
         merged.add_incoming(acc, before)
@@ -348,11 +361,7 @@ class _LayerIR:
         # clamp as compare + select: keeps NaN like the reference, one vmaxps/vminps each
         acc = b.select(b.fcmp_ordered("<", merged, self.lo), self.lo, merged)
         acc = b.select(b.fcmp_ordered(">", acc, self.hi), self.hi, acc)
-        with b.if_else(whole, likely=True) as (plain, masked):
-            with plain:
-                v.store(acc, self.outp, ooff)
-            with masked:
-                v.mstore(acc, self.outp, ooff, smask)
+        v.store_part(whole, acc, self.outp, ooff, smask)
 
     def flat(self, oi):
         """FLAT: vectors of consecutive pixels p0 + l; tap (ki, kj) at its phase plane's base
