@@ -101,6 +101,8 @@ class Codegen:
     node: Node | None = None
     temps: list[int] = field(default_factory=list)
     derived_exprs: dict[str, str] = field(default_factory=dict)
+    calls: dict[int, tuple[str, tuple]] = field(default_factory=dict)  # line -> (fn, args)
+    chains: list[list[tuple]] = field(default_factory=list)  # conv2d_planned args of each chain
 
     # -- values ----------------------------------------------------------------------------
     def arg(self, value: Value | None, shape: tuple[int, ...] | None = None) -> str:
@@ -180,6 +182,7 @@ class Codegen:
 
     # -- lines -----------------------------------------------------------------------------
     def call(self, fn: str, *args: object) -> None:
+        self.calls[len(self.lines)] = (fn, args)
         self.emit(f"{fn}({', '.join(fmt(a) for a in args)})")
 
     def emit(self, code: str) -> None:
@@ -237,6 +240,49 @@ def generate(graph: Graph) -> Codegen:
     outputs = [gen.arg(v) + ".copy()" for v in graph.outputs]
     gen.emit(f"return [{', '.join(outputs)}]")
     return gen
+
+
+# -- conv chains -----------------------------------------------------------------------------------
+
+MIN_CHAIN = 2  # convs in a run worth one table
+
+
+def chainable(fn: str, args: tuple) -> bool:
+    """Whether a kernel call can run in a conv chain (backends/numba_kernels_chain.py): a
+    ``KC.conv2d_planned`` but a 1x1 conv without padding or groups (those take the pointwise
+    kernels), whose arrays exist when the model is constructed: not a graph input (``x0``,
+    passed to each call), nor a codebook's weight (packed on the first call)."""
+    if fn != "KC.conv2d_planned" or any(re.match(r"x\d", str(a)) for a in args):
+        return False
+    packed, kh, kw, ph, pw, groups = args[2], args[8], args[9], args[12], args[13], args[16]
+    pointwise = kh == kw == 1 and ph == pw == 0 and groups == 1
+    return not pointwise and not str(packed).startswith('w["_packed.')
+
+
+def chain_convs(gen: Codegen) -> None:
+    """Rewrite each run of consecutive chainable conv lines (comment lines between them allowed)
+    into one ``KC.run_chain`` line: the convs run in order, in one parallel region, each
+    complete before the next starts, so the memory plan of the separate lines holds. The
+    chained lines stay in the source as comments; their arguments make the chain's table in the
+    generated ``bind(w, b)``."""
+    run: list[int] = []
+
+    def close() -> None:
+        if len(run) >= MIN_CHAIN:
+            k = len(gen.chains)
+            gen.chains.append([gen.calls[i][1][:-1] for i in run])
+            for i in run:
+                gen.lines[i] = "# " + gen.lines[i]
+            gen.lines[run[0]] = (f'KC.run_chain(w["_chain.{k}"], nt)  # the {len(run)} convs '
+                                 f"below, in one parallel region\n    {gen.lines[run[0]]}")
+        run.clear()
+
+    for i, line in enumerate(gen.lines):
+        if i in gen.calls and chainable(*gen.calls[i]) and gen.calls[i][1][-1] == "nt":
+            run.append(i)
+        elif not line.startswith("#"):
+            close()
+    close()
 
 
 # -- memory planning -------------------------------------------------------------------------------
@@ -297,6 +343,7 @@ KERNEL_FILES = {
     "numba_kernels_conv.py": "kernels_conv.py",
     "numba_kernels_int8.py": "kernels_int8.py",
     "numba_kernels_f32.py": "kernels_f32.py",
+    "numba_kernels_chain.py": "kernels_chain.py",
     "numba_kernels_pointwise.py": "kernels_pointwise.py",
     "numba_kernels_dw.py": "kernels_dw.py",
     "numba_kernels_gemm.py": "kernels_gemm.py",
@@ -358,7 +405,15 @@ def render(graph: Graph, gen: Codegen, slots: list[int]) -> str:
     tables = "".join(f'\n    w["{k}"] = {e}' for k, e in gen.derived_exprs.items()) or "\n    pass"
     prepare = (f'\n\ndef prepare(w):\n    """Add the derived constants to the weights w (once, at '
                f'construction)."""{tables}\n')
-    return header + prepare + forward + LOADER
+    bind = ""
+    if gen.chains:
+        tables = "".join(
+            f'\n    w["_chain.{k}"] = KC.chain_table(['
+            + "".join(f"\n        {fmt(tuple(layer))}," for layer in layers) + "\n    ])"
+            for k, layers in enumerate(gen.chains))
+        bind = (f'\n\ndef bind(w, b):\n    """Add the tables of the conv chains (their layers\' '
+                f'arrays by address) to w, once the buffers b exist."""{tables}\n')
+    return header + prepare + bind + forward + LOADER
 
 
 class NumbaModel:
@@ -419,8 +474,11 @@ class NumbaModel:
             np.savez(f, **self.weights)
 
 
-def compile_numba(graph: Graph) -> NumbaModel:
+def compile_numba(graph: Graph, chains: bool = True) -> NumbaModel:
     """Generate, plan and load the numba forward of ``graph`` (the graph is not kept).
+
+    Args:
+        chains: run runs of consecutive convs in one parallel region each (:func:`chain_convs`).
 
     Raises:
         BackendError: a node's op or attribute pattern has no emitter.
@@ -428,6 +486,8 @@ def compile_numba(graph: Graph) -> NumbaModel:
     import backends.numba_emitters  # noqa: F401  (registers the emitters)
 
     gen = generate(graph)
+    if chains:
+        chain_convs(gen)
     slots = plan_memory(gen.views, len(gen.lines) - 1)
     return NumbaModel(render(graph, gen, slots), gen.weights)
 

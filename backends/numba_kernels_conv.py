@@ -23,6 +23,7 @@ from .numba_kernels import (
     finish_row,
     softmax_rows,
 )
+from .numba_kernels_chain import chain_table, run_chain  # noqa: F401  (called as KC.)
 from .numba_kernels_dw import conv2d_depthwise  # noqa: F401  (called as KC.)
 from .numba_kernels_f32 import (  # noqa: F401  (conv2d_*, pack_*, ...: called as KC.)
     LANES,  # linear splits its columns in whole vectors and from the fp32 conv's PAR_MACS

@@ -502,6 +502,20 @@ def _subsample(x, sh, sw, oh, ow):
 
 
 @njit(cache=True)
+def task_geometry(n_img, groups, nbg, cg, plane, npix, rows, chunks):
+    """(``geom`` of :func:`_conv_tasks`, number of tasks) for a layer split by channel blocks
+    (and, where they do not divide evenly among ``chunks`` threads, blocks of pixels)."""
+    blocks = n_img * groups * nbg
+    npb = 1  # blocks of pixels per channel block: equal work per thread
+    while (blocks * npb) % chunks:
+        npb += 1
+    per_block = (npix + npb - 1) // npb
+    pb = (per_block + rows - 1) // rows * rows  # pixels per block, a multiple of rows
+    npb = (npix + pb - 1) // pb
+    return (groups, nbg, cg, plane, npb, pb, rows), blocks * npb
+
+
+@njit(cache=True)
 def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
                    groups, act, alo, ahi, nthreads):
     """:func:`conv2d_packed` with its per-layer constants given: ``xp`` a buffer for the padded
@@ -563,15 +577,7 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
         src = xp
     else:
         src = x.reshape(-1)
-    blocks = n_img * groups * nbg
-    npb = 1  # blocks of pixels per channel block: equal work per thread
-    while (blocks * npb) % chunks:
-        npb += 1
-    per_block = (npix + npb - 1) // npb
-    pb = (per_block + rows - 1) // rows * rows  # pixels per block, a multiple of rows
-    npb = (npix + pb - 1) // pb
-    geom = (groups, nbg, cg, hp * wp, npb, pb, rows)
-    total = blocks * npb
+    geom, total = task_geometry(n_img, groups, nbg, cg, hp * wp, npix, rows, chunks)
     outf = out.reshape(n_img, o, npix)
     resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
     if chunks == 1:

@@ -71,6 +71,8 @@ class Model:
             self.arena[slot][: _nbytes(shape, dtype)].view(dtype).reshape(shape)
             for slot, shape, dtype in spec.VIEWS
         ]
+        if hasattr(spec, "bind"):  # tables that hold the buffers' addresses (conv chains)
+            spec.bind(self.w, self.b)
 
     def run(self, *arrays) -> list[np.ndarray]:
         """Run on one array per input (in order); returns the outputs as new arrays."""
