@@ -103,7 +103,7 @@ def test_a_chain_with_more_chunks_than_threads_finishes(models, chunks):
 def test_a_saved_chained_model_binds_its_tables_when_loaded(models, tmp_path):
     g, chained, _ = models
     x = randn(*g.inputs[0].shape)
-    path = chained.save(tmp_path / "pkg")
+    path = chained.save(tmp_path / "chained_numba_pkg")  # a name no other test loads
     assert (path / "kernels_chain.py").exists()
     loaded = load_numba(path)
     for a, b in zip(loaded.run(x), chained.run(x), strict=True):
