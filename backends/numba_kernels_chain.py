@@ -64,33 +64,31 @@ def _intp_at(typingctx, addr):
 
 
 def _slot(context, builder, signature, args):
+    """IR pointer to element ``i`` of the array ``args = (array, i)``."""
     array, i = args
     data = context.make_array(signature.args[0])(context, builder, array).data
     return builder.gep(data, [i])
 
 
-@intrinsic
-def _exchange(typingctx, flags, i, value):
-    """Atomically ``old = flags[i]; flags[i] = value``; returns old (an int64 array)."""
-    sig = types.int64(flags, types.intp, types.int64)
+def _atomic_rmw(op: str):
+    """An intrinsic ``(a, i, value) -> old`` doing LLVM's ``atomicrmw op`` on ``a[i]`` (an int64
+    array), acquire-release."""
 
-    def codegen(context, builder, signature, args):
-        return builder.atomic_rmw("xchg", _slot(context, builder, signature, args[:2]), args[2],
-                                  "acq_rel")
+    @intrinsic
+    def rmw(typingctx, array, i, value):
+        sig = types.int64(array, types.intp, types.int64)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            return builder.atomic_rmw(op, _slot(context, builder, signature, args[:2]), args[2],
+                                      "acq_rel")
+
+        return sig, codegen
+
+    return rmw
 
 
-@intrinsic
-def _fetch_add(typingctx, counts, i, value):
-    """Atomically ``old = counts[i]; counts[i] += value``; returns old (an int64 array)."""
-    sig = types.int64(counts, types.intp, types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.atomic_rmw("add", _slot(context, builder, signature, args[:2]), args[2],
-                                  "acq_rel")
-
-    return sig, codegen
+_exchange = _atomic_rmw("xchg")  # old = a[i]; a[i] = value
+_fetch_add = _atomic_rmw("add")  # old = a[i]; a[i] += value
 
 
 @intrinsic
