@@ -101,7 +101,8 @@ class Codegen:
     node: Node | None = None
     temps: list[int] = field(default_factory=list)
     derived_exprs: dict[str, str] = field(default_factory=dict)
-    calls: dict[int, tuple[str, tuple]] = field(default_factory=dict)  # line -> (fn, args)
+    calls: dict[int, tuple[str, tuple, Node | None]] = field(default_factory=dict)  # line ->
+    # (fn, args, node)
     chains: list[list[tuple]] = field(default_factory=list)  # conv2d_planned args of each chain
 
     # -- values ----------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class Codegen:
 
     # -- lines -----------------------------------------------------------------------------
     def call(self, fn: str, *args: object) -> None:
-        self.calls[len(self.lines)] = (fn, args)
+        self.calls[len(self.lines)] = (fn, args, self.node)
         self.emit(f"{fn}({', '.join(fmt(a) for a in args)})")
 
     def emit(self, code: str) -> None:
@@ -245,18 +246,44 @@ def generate(graph: Graph) -> Codegen:
 # -- conv chains -----------------------------------------------------------------------------------
 
 MIN_CHAIN = 2  # convs in a run worth one table
+# kernels a chain runs (backends/numba_kernels_chain.py), by the kind name its table takes
+CHAIN_KINDS = {"KC.conv2d_planned": "conv", "KC.conv2d_depthwise": "depthwise"}
+# arguments a chain's table can hold: a weight or prepared table, an arena buffer (maybe
+# reshaped), a kernel module's constant
+_WEIGHT = re.compile(r'w\["([^"]+)"\](\.reshape\(.*\))?')
+_BOUND = re.compile(r"b\[\d+\](\.reshape\(.*\))?|K\.\w+")
 
 
-def chainable(fn: str, args: tuple) -> bool:
-    """Whether a kernel call can run in a conv chain (backends/numba_kernels_chain.py): a
-    ``KC.conv2d_planned`` but a 1x1 conv without padding or groups (those take the pointwise
-    kernels), whose arrays exist when the model is constructed: not a graph input (``x0``,
-    passed to each call), nor a codebook's weight (packed on the first call)."""
-    if fn != "KC.conv2d_planned" or any(re.match(r"x\d", str(a)) for a in args):
-        return False
-    packed, kh, kw, ph, pw, groups = args[2], args[8], args[9], args[12], args[13], args[16]
-    pointwise = kh == kw == 1 and ph == pw == 0 and groups == 1
-    return not pointwise and not str(packed).startswith('w["_packed.')
+def chain_kind(gen: Codegen, fn: str, args: tuple, node: Node | None) -> str | None:
+    """The kind a kernel call takes in a conv chain, or None where it cannot be chained: a
+    float32 ``KC.conv2d_planned`` or ``KC.conv2d_depthwise`` whose arrays all exist when the
+    model is constructed (arena buffers, weights and prepared tables: not a graph input, nor a
+    codebook's weight packed on the first call), and not a 1x1 conv that
+    :func:`~backends.numba_kernels_f32.conv2d_planned` runs on a copy of its input (strided, or
+    a small plane read channel-last), which a chain has no buffer for."""
+    kind = CHAIN_KINDS.get(fn)
+    if kind is None or args[-1] != "nt" or node is None:
+        return None
+    if any(v.dtype != "float32" for v in (node.inputs[0], node.outputs[0])):
+        return None
+    for a in args[:-1]:
+        if not isinstance(a, str):
+            continue
+        weight = _WEIGHT.fullmatch(a)
+        if weight and weight[1] not in gen.weights and weight[1] not in gen.derived_exprs:
+            return None
+        if not weight and not _BOUND.fullmatch(a):
+            return None
+    if kind == "conv":
+        from backends.numba_kernels_f32 import CL_MAX_PIXELS
+        from backends.numba_kernels_pointwise import POINTWISE, PW_MIN_PIXELS
+
+        kh, kw, sh, sw, ph, pw, groups = (args[i] for i in (8, 9, 10, 11, 12, 13, 16))
+        npix = node.outputs[0].shape[2] * node.outputs[0].shape[3]
+        pointwise = POINTWISE and kh == kw == 1 and ph == pw == 0 and groups == 1
+        if pointwise and (npix <= CL_MAX_PIXELS or (sh, sw) != (1, 1) and npix >= PW_MIN_PIXELS):
+            return None
+    return kind
 
 
 def chain_convs(gen: Codegen) -> None:
@@ -265,21 +292,23 @@ def chain_convs(gen: Codegen) -> None:
     complete before the next starts, so the memory plan of the separate lines holds. The
     chained lines stay in the source as comments; their arguments make the chain's table in the
     generated ``bind(w, b)``."""
-    run: list[int] = []
+    run: list[tuple[int, str]] = []
 
     def close() -> None:
         if len(run) >= MIN_CHAIN:
             k = len(gen.chains)
-            gen.chains.append([gen.calls[i][1][:-1] for i in run])
-            for i in run:
+            gen.chains.append([(repr(kind), *gen.calls[i][1][:-1]) for i, kind in run])
+            for i, _ in run:
                 gen.lines[i] = "# " + gen.lines[i]
-            gen.lines[run[0]] = (f'KC.run_chain(w["_chain.{k}"], nt)  # the {len(run)} convs '
-                                 f"below, in one parallel region\n    {gen.lines[run[0]]}")
+            first = run[0][0]
+            gen.lines[first] = (f'KC.run_chain(w["_chain.{k}"], nt)  # the {len(run)} convs '
+                                f"below, in one parallel region\n    {gen.lines[first]}")
         run.clear()
 
     for i, line in enumerate(gen.lines):
-        if i in gen.calls and chainable(*gen.calls[i]) and gen.calls[i][1][-1] == "nt":
-            run.append(i)
+        kind = chain_kind(gen, *gen.calls[i]) if i in gen.calls else None
+        if kind is not None:
+            run.append((i, kind))
         elif not line.startswith("#"):
             close()
     close()

@@ -28,13 +28,22 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numba_kernels import CLIP, RELU
+from .numba_kernels_dw import _depthwise_tasks
 from .numba_kernels_f32 import _conv_band, _conv_tasks, _pad_band, best_rows, task_geometry
+from .numba_kernels_pointwise import POINTWISE, PW_MIN_PIXELS, PW_TILE, _pointwise_tasks
 
 # a layer's columns in the table of addresses
 X, XP, PACKED, BIAS, BASES, OFFS, RES, OUT = range(8)
 # a layer's columns in the table of integers
-N, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS, ACT, HAS_RES, NBLK, KK = range(20)
-NPROG = 20
+(N, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS, ACT, HAS_RES, NBLK, KK, KIND,
+ NBIAS) = range(22)
+NPROG = 22
+# layer kinds: a conv2d_planned (packed weights) or a conv2d_depthwise (OIHW taps)
+CONV, DEPTHWISE = 0, 1
+KINDS = {"conv": CONV, "depthwise": DEPTHWISE}
+# how a layer's conv phase is split into tasks: bands of output rows, channel blocks (of one
+# shared padded input), pixel tiles of a 1x1 conv, input planes of a depthwise conv
+BANDS, BLOCKS, PIXELS, PLANES = range(4)
 # per layer and phase: a claim flag for each of up to MAX_TASKS tasks, then the count of the
 # tasks done
 MAX_TASKS = 64
@@ -123,35 +132,62 @@ def _f32(addr, shape):
 
 
 @njit(cache=True)
-def _layer_tasks(p, packed_size, chunks):
-    """(bands, tasks of the conv phase) of layer row ``p``: bands of output rows where
-    :func:`~backends.numba_kernels_f32.conv2d_planned` would split the layer so, else channel
-    blocks of one shared padded input (then a pad phase of one task comes first)."""
+def _layer_tasks(p, chunks):
+    """(split, tasks of the conv phase) of layer row ``p``, as its kernel would split it on
+    ``chunks`` threads: a depthwise conv by input planes; a 1x1 conv that
+    :func:`~backends.numba_kernels_f32.conv2d_planned` gives the pixel-vector kernel by pixel
+    tiles; other convs by bands of output rows where conv2d_planned would split them so, else by
+    channel blocks of one shared padded input (then a pad phase of one task comes first)."""
     npix = p[OH] * p[OW]
+    if p[KIND] == DEPTHWISE:
+        return PLANES, min(chunks, p[N] * p[C])
+    pointwise = (p[KH] == 1 and p[KW] == 1 and p[PH] == 0 and p[PW] == 0 and p[GROUPS] == 1
+                 and p[SH] == 1 and p[SW] == 1)
+    if POINTWISE and pointwise and npix >= PW_MIN_PIXELS:
+        return PIXELS, min(chunks, (npix + PW_TILE - 1) // PW_TILE)
     rows = best_rows(npix)
     tiles = (npix + rows - 1) // rows
     hp, wp = p[H] + 2 * p[PH], p[W] + 2 * p[PW]
-    bands = ((tiles >= 8 * chunks or tiles % chunks == 0)
-             and packed_size <= p[N] * p[C] * hp * wp)
-    return bands, min(chunks, tiles) if bands else chunks
+    if ((tiles >= 8 * chunks or tiles % chunks == 0)
+            and p[NBLK] * p[KK] * 16 <= p[N] * p[C] * hp * wp):
+        return BANDS, min(chunks, tiles)
+    return BLOCKS, chunks
 
 
 @njit(cache=True)
-def _run_task(addr, p, lo, hi, alo, ahi, phase, t, ntasks, bands):
+def _run_task(addr, p, lo, hi, alo, ahi, phase, t, ntasks, split):
     """Task ``t`` of ``ntasks`` of one phase of a layer (its rows of the tables)."""
     n, c, h, w, o, oh, ow = p[N], p[C], p[H], p[W], p[O], p[OH], p[OW]
     hp, wp = h + 2 * p[PH], w + 2 * p[PW]
+    npix = oh * ow
+    nres = n if p[HAS_RES] else 0
     x = _f32(addr[X], (n, c, h, w))
+    if split == PLANES:
+        planes = n * c
+        _depthwise_tasks(x.reshape(-1), _f32(addr[PACKED], (o * p[KH] * p[KW],)),
+                         _f32(addr[BIAS], (p[NBIAS],)), _f32(addr[RES], (nres * o * npix,)),
+                         _f32(addr[OUT], (n * o * npix,)),
+                         (c, o, h, w, oh, ow, p[KH], p[KW], p[SH], p[SW], p[PH], p[PW], p[DH],
+                          p[DW]), p[ACT], alo, ahi, t * planes // ntasks,
+                         (t + 1) * planes // ntasks)
+        return
     if phase == 0:  # the shared padded input of a layer split by channel blocks
         _pad_band(x, p[PH], p[PW], 0, hp, _f32(addr[XP], (n * c * hp * wp,)))
         return
     packed = _f32(addr[PACKED], (p[NBLK], p[KK], 16))
     bias = _f32(addr[BIAS], (p[NBLK] * 16,))
-    res = _f32(addr[RES], (n if p[HAS_RES] else 0, o, oh, ow))
+    res = _f32(addr[RES], (nres, o, oh, ow))
     out = _f32(addr[OUT], (n, o, oh, ow))
-    npix = oh * ow
+    if split == PIXELS:
+        tiles = (npix + PW_TILE - 1) // PW_TILE
+        q0 = t * tiles // ntasks * PW_TILE
+        q1 = min(npix, (t + 1) * tiles // ntasks * PW_TILE)
+        if q1 > q0:
+            _pointwise_tasks(x.reshape(n, c, npix), packed, bias, res.reshape(nres, o, npix),
+                             out.reshape(n, o, npix), lo, hi, p[ACT], alo, ahi, q0, q1)
+        return
     rows = best_rows(npix)
-    if bands:
+    if split == BANDS:
         tiles = (npix + rows - 1) // rows
         q0 = t * tiles // ntasks * rows
         q1 = min(npix, (t + 1) * tiles // ntasks * rows)
@@ -163,7 +199,7 @@ def _run_task(addr, p, lo, hi, alo, ahi, phase, t, ntasks, bands):
     offs = carray(_intp_at(addr[OFFS]), (p[KK],))
     geom, total = task_geometry(n, p[GROUPS], p[NBLK] // p[GROUPS], c // p[GROUPS], hp * wp,
                                 npix, rows, ntasks)
-    _conv_tasks(src, bases, offs, packed, bias, res.reshape(res.shape[0], o, npix),
+    _conv_tasks(src, bases, offs, packed, bias, res.reshape(nres, o, npix),
                 out.reshape(n, o, npix), geom, lo, hi, p[ACT], alo, ahi,
                 t * total // ntasks, (t + 1) * total // ntasks, 0, npix)
 
@@ -177,15 +213,15 @@ def _walk(addr, prog, fprog, sync, ch, chunks):
         act, alo, ahi = p[ACT], fprog[layer, 0], fprog[layer, 1]
         lo = np.float32(alo if act == CLIP else 0.0 if act == RELU else -np.inf)
         hi = np.float32(ahi if act == CLIP else np.inf)
-        bands, ntasks = _layer_tasks(p, p[NBLK] * p[KK] * 16, chunks)
+        split, ntasks = _layer_tasks(p, chunks)
         padded = p[PH] > 0 or p[PW] > 0
-        for phase in range(0 if padded and not bands else 1, PHASES):
+        for phase in range(0 if padded and split == BLOCKS else 1, PHASES):
             n = 1 if phase == 0 else ntasks
             base = (layer * PHASES + phase) * (MAX_TASKS + 1)
             for j in range(n):
                 t = (ch + j) % n
                 if _exchange(sync, base + t, 1) == 0:
-                    _run_task(a, p, lo, hi, alo, ahi, phase, t, n, bands)
+                    _run_task(a, p, lo, hi, alo, ahi, phase, t, n, split)
                     _fetch_add(sync, base + MAX_TASKS, 1)
             if chunks > 1:
                 _wait_for(sync, base + MAX_TASKS, n)
@@ -211,27 +247,39 @@ def conv_chain(addr, prog, fprog, sync, nthreads):
 
 
 def chain_table(layers) -> tuple:
-    """The arguments of :func:`conv_chain` but ``nthreads`` for ``layers``: tuples of
-    :func:`~backends.numba_kernels_f32.conv2d_planned`'s arguments without ``nthreads``. The
-    arrays' addresses go in the table; the tuple keeps the arrays alive."""
+    """The arguments of :func:`conv_chain` but ``nthreads`` for ``layers``: each a kernel's
+    name and its arguments without ``nthreads``, ``("conv", *args)`` of
+    :func:`~backends.numba_kernels_f32.conv2d_planned` or ``("depthwise", *args)`` of
+    :func:`~backends.numba_kernels_dw.conv2d_depthwise` (float32). The arrays' addresses go in
+    the table; the tuple keeps the arrays alive."""
     addr = np.zeros((len(layers), 8), np.intp)
     prog = np.zeros((len(layers), NPROG), np.intp)
     fprog = np.zeros((len(layers), 2), np.float32)
     keep = []
-    for i, layer in enumerate(layers):
-        (x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups,
-         act, alo, ahi) = layer
+    empty = np.empty(0, np.intp)
+    for i, (kind, *args) in enumerate(layers):
+        if kind == "depthwise":
+            x, packed, bias, res, out, sh, sw, ph, pw, dh, dw, act, alo, ahi = args
+            xp, bases, offs = np.empty(0, np.float32), empty, empty
+            _, _, kh, kw = packed.shape
+            groups, nblk, kk = x.shape[1], 0, 0
+        else:
+            (x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups,
+             act, alo, ahi) = args
+            nblk, kk = packed.shape[0], offs.shape[0]
         arrays = [np.require(a, requirements="C") for a in (x, xp, packed, bias, bases, offs,
                                                            res, out)]
-        for a, b in ((arrays[0], x), (arrays[6], res), (arrays[7], out)):
+        for a, b in zip(arrays, (x, xp, packed, bias, bases, offs, res, out), strict=True):
             if a.size and not np.shares_memory(a, b):
-                raise ValueError("a chained conv's activations must be C-contiguous buffers")
+                raise ValueError("a chained conv's arrays must be C-contiguous")
+        if any(a.dtype != np.float32 for a in arrays[:4] + arrays[6:]):
+            raise ValueError("a chained conv must be float32")
         keep.extend(arrays)
         addr[i] = [a.ctypes.data for a in arrays]
         n, c, h, w = x.shape
         _, o, oh, ow = out.shape
         prog[i] = (n, c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, groups, act,
-                   1 if res.size else 0, packed.shape[0], offs.shape[0])
+                   1 if res.size else 0, nblk, kk, KINDS[kind], bias.size)
         fprog[i] = alo, ahi
     sync = np.zeros(len(layers) * PHASES * (MAX_TASKS + 1), np.int64)
     return addr, prog, fprog, sync, keep

@@ -28,15 +28,19 @@ def conv(g, h, o, k, name, res=None, **attrs):
 
 
 def chained_graph(n: int = 2) -> Graph:
-    """Two runs of convs, split by a 1x1 conv (the pointwise kernels, never chained). They take
-    both ways a chained layer is split: bands of rows, and channel blocks of one shared padded
-    input (weights larger than the input); strides, dilation, groups, residuals and every kind
-    of epilogue; a chained value is also read after its chain."""
+    """Two runs of convs, split by a 1x1 conv on a 6x6 plane (read channel-last from a copy
+    where the pixel-vector kernel exists: never chained). They take every way a chained layer
+    is split: depthwise planes, the pixel tiles of a 1x1 conv, bands of rows, and channel blocks
+    of one shared padded input (weights larger than the input); strides, dilation, groups,
+    residuals and every kind of epilogue; a chained value is also read after its chain."""
     g = Graph("chained")
     x = g.add_input("x", (n, 8, 20, 20))
     relu = {"activation": "relu"}
     c1 = conv(g, x, 16, 3, "c1", padding=(1, 1), **relu)
-    c2 = conv(g, c1, 16, 3, "c2", res=c1, padding=(1, 1), **relu)
+    d1 = conv(g, c1, 16, 3, "d1", groups=16, padding=(1, 1), activation="clip",
+              activation_attrs={"min_val": 0.0, "max_val": 6.0})
+    q1 = conv(g, d1, 16, 1, "q1", res=c1, **relu)  # 400 pixels: the pixel-vector kernel
+    c2 = conv(g, q1, 16, 3, "c2", res=q1, padding=(1, 1), **relu)
     c3 = conv(g, c2, 24, 3, "c3", stride=(2, 2), padding=(1, 1), activation="hardswish")
     c4 = conv(g, c3, 24, 3, "c4", groups=2, padding=(1, 1), activation="clip",
               activation_attrs={"min_val": 0.0, "max_val": 6.0})
@@ -60,8 +64,10 @@ def test_chains_replace_the_runs_of_convs_and_keep_their_lines_as_comments(model
     _, chained, plain = models
     body = chained.source.split("def forward")[1]
     assert body.count("KC.run_chain(") == 2
-    # c1 reads the graph input, which a call is passed: it stays a call; c2..c7, then c8, c9
-    assert body.count("# KC.conv2d_planned(") == 8
+    # c1 reads the graph input, which a call is passed: it stays a call; d1, q1, c2..c7, then
+    # c8, c9
+    assert body.count("# KC.conv2d_planned(") == 9
+    assert body.count("# KC.conv2d_depthwise(") == 1
     assert "\n    KC.conv2d_planned(x0, " in body
     assert "KC.run_chain(" not in plain.source and "def bind" not in plain.source
     assert chained.source.count("KC.chain_table([") == 2
