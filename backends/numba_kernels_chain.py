@@ -235,9 +235,8 @@ def _walk_parallel(addr, prog, fprog, sync, chunks):
 
 @njit(cache=True)
 def conv_chain(addr, prog, fprog, sync, nthreads):
-    """Run the layers of a table from :func:`chain_table` in order, as
-    :func:`~backends.numba_kernels_f32.conv2d_planned` would one by one, on ``nthreads``
-    threads in one parallel region."""
+    """Run the layers of a table from :func:`chain_table` in order, as their kernels would one
+    call at a time, on ``nthreads`` threads in one parallel region."""
     chunks = max(1, min(nthreads, MAX_TASKS))
     sync[:] = 0
     if chunks == 1:
