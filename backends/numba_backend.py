@@ -264,8 +264,8 @@ def chain_kind(gen: Codegen, fn: str, args: tuple, node: Node | None) -> str | N
     kind = CHAIN_KINDS.get(fn)
     if kind is None or args[-1] != "nt" or node is None:
         return None
-    if any(v.dtype != "float32" for v in (node.inputs[0], node.outputs[0])):
-        return None
+    if any(v is not None and v.dtype != "float32" for v in (*node.inputs, *node.outputs)):
+        return None  # the table holds float32 arrays only (a float64 weight stays a call)
     for a in args[:-1]:
         if not isinstance(a, str):
             continue
