@@ -101,9 +101,10 @@ class Codegen:
     node: Node | None = None
     temps: list[int] = field(default_factory=list)
     derived_exprs: dict[str, str] = field(default_factory=dict)
-    calls: dict[int, tuple[str, tuple, Node | None]] = field(default_factory=dict)  # line ->
-    # (fn, args, node)
-    chains: list[list[tuple]] = field(default_factory=list)  # conv2d_planned args of each chain
+    # line -> (kernel, its arguments, the node that emitted it): what chain_convs reads
+    calls: dict[int, tuple[str, tuple, Node | None]] = field(default_factory=dict)
+    # each conv chain's layers: (kind, kernel arguments without nt), for its table in bind()
+    chains: list[list[tuple]] = field(default_factory=list)
 
     # -- values ----------------------------------------------------------------------------
     def arg(self, value: Value | None, shape: tuple[int, ...] | None = None) -> str:

@@ -29,7 +29,15 @@ from numba.extending import intrinsic
 
 from .numba_kernels import CLIP, RELU
 from .numba_kernels_dw import _depthwise_tasks
-from .numba_kernels_f32 import _conv_band, _conv_tasks, _pad_band, best_rows, task_geometry
+from .numba_kernels_f32 import (
+    _conv_band,
+    _conv_tasks,
+    _pad_band,
+    band,
+    best_rows,
+    by_bands,
+    task_geometry,
+)
 from .numba_kernels_pointwise import POINTWISE, PW_MIN_PIXELS, PW_TILE, _pointwise_tasks
 
 # a layer's columns in the table of addresses
@@ -148,8 +156,7 @@ def _layer_tasks(p, chunks):
     rows = best_rows(npix)
     tiles = (npix + rows - 1) // rows
     hp, wp = p[H] + 2 * p[PH], p[W] + 2 * p[PW]
-    if ((tiles >= 8 * chunks or tiles % chunks == 0)
-            and p[NBLK] * p[KK] * 16 <= p[N] * p[C] * hp * wp):
+    if by_bands(tiles, chunks, p[NBLK] * p[KK] * 16, p[N] * p[C] * hp * wp):
         return BANDS, min(chunks, tiles)
     return BLOCKS, chunks
 
@@ -188,9 +195,7 @@ def _run_task(addr, p, lo, hi, alo, ahi, phase, t, ntasks, split):
         return
     rows = best_rows(npix)
     if split == BANDS:
-        tiles = (npix + rows - 1) // rows
-        q0 = t * tiles // ntasks * rows
-        q1 = min(npix, (t + 1) * tiles // ntasks * rows)
+        q0, q1 = band(t, ntasks, npix, rows)
         _conv_band(x, packed, bias, res, out, p[KH], p[KW], p[SH], p[SW], p[PH], p[PW], p[DH],
                    p[DW], p[GROUPS], lo, hi, p[ACT], alo, ahi, rows, q0, q1)
         return

@@ -419,14 +419,28 @@ def _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups
                 act, alo, ahi, 0, n_img * groups * nbg, q0, q1)
 
 
+@njit(cache=True)
+def by_bands(tiles, chunks, weights, padded_input):
+    """Whether a layer of ``tiles`` output tiles splits among ``chunks`` threads by bands of
+    output rows (see :func:`conv2d_planned`): ``BAND_TILES`` tiles per thread or tiles that
+    divide evenly among them, and weights no larger than the padded input (floats)."""
+    return ((tiles >= BAND_TILES * chunks or tiles % chunks == 0)
+            and weights <= padded_input)
+
+
+@njit(cache=True)
+def band(ch, chunks, npix, rows):
+    """Output pixels [q0, q1) of band ``ch`` of ``chunks``: whole tiles of ``rows`` pixels."""
+    tiles = (npix + rows - 1) // rows
+    return ch * tiles // chunks * rows, min(npix, (ch + 1) * tiles // chunks * rows)
+
+
 @njit(parallel=True, cache=True)
 def _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi, act,
                 alo, ahi, rows, chunks):
     npix = out.shape[2] * out.shape[3]
-    tiles = (npix + rows - 1) // rows
     for ch in prange(chunks):
-        q0 = ch * tiles // chunks * rows
-        q1 = min(npix, (ch + 1) * tiles // chunks * rows)
+        q0, q1 = band(ch, chunks, npix, rows)
         _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
                    act, alo, ahi, rows, q0, q1)
 
@@ -564,8 +578,7 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     transposed = pointwise and npix <= CL_MAX_PIXELS
     tiles = (npix + rows - 1) // rows
     # bands make every thread read all the weights, channel blocks all the input: the smaller
-    bands = (chunks > 1 and (tiles >= BAND_TILES * chunks or tiles % chunks == 0)
-             and packed.size <= n_img * c * hp * wp)
+    bands = chunks > 1 and by_bands(tiles, chunks, packed.size, n_img * c * hp * wp)
     if bands and not transposed:
         _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
                     act, alo, ahi, rows, chunks)
