@@ -373,6 +373,7 @@ KERNEL_FILES = {
     "numba_kernels_conv.py": "kernels_conv.py",
     "numba_kernels_int8.py": "kernels_int8.py",
     "numba_kernels_f32.py": "kernels_f32.py",
+    "numba_kernels_f32_tile.py": "kernels_f32_tile.py",
     "numba_kernels_chain.py": "kernels_chain.py",
     "numba_kernels_pointwise.py": "kernels_pointwise.py",
     "numba_kernels_dw.py": "kernels_dw.py",

@@ -541,8 +541,8 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
     path = model.save(tmp_path / "pkg")
     assert sorted(os.listdir(path)) == sorted(
         ["__init__.py", "model.py", "kernels.py", "kernels_conv.py", "kernels_int8.py",
-         "kernels_f32.py", "kernels_chain.py", "kernels_pointwise.py", "kernels_dw.py",
-         "kernels_gemm.py", "runtime.py", "weights.npz"]
+         "kernels_f32.py", "kernels_f32_tile.py", "kernels_chain.py", "kernels_pointwise.py",
+         "kernels_dw.py", "kernels_gemm.py", "runtime.py", "weights.npz"]
     )
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left behind
     np.save(tmp_path / "x.npy", x)
