@@ -250,14 +250,16 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=None, desc="passes", unit="pass")
+        bar = tqdm(total=len(passes), desc="passes", unit="pass")
+    # ``bar is not None``, never ``if bar``: a tqdm's truth is its length, which raises for a bar
+    # without a total and is 0 (False) for a bar that has not counted yet.
     manager = PassManager(passes=passes, example_inputs=inputs, tolerance=tolerance,
                           progress=(lambda name: (bar.set_postfix_str(name), bar.update()))
-                          if bar else None)
+                          if bar is not None else None)
     try:
         manager.run(graph)
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     artifact = _backend_compiler(backend)(graph)
     return CompiledModel(graph, manager.report, backend, artifact)
