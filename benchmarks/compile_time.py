@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from backends.onnx_backend import compile_onnx  # noqa: E402
+from backends.onnx.backend import compile_onnx  # noqa: E402
+from benchmarks.harness.zoo import build  # noqa: E402
 from compiler.frontend.torch_export import export_program, import_program  # noqa: E402
 from compiler.pass_manager import PassManager  # noqa: E402
-from compiler.zoo import build  # noqa: E402
 
 
 def one_run(model, x) -> dict[str, float]:

@@ -14,7 +14,7 @@ third where SciPy cannot be imported (numpy and numba only; where SciPy is insta
 it on first use, 0.25-0.4 s, though the kernels never call BLAS). All
 models use random weights and the ``fuse`` preset; with ``--prune F`` each model is also run pruned
 by ``prune-channels`` to F of its MACs (global L1 ranking, shortcut-coupled groups, widths rounded
-to 8), where torch eager is the pruned model's torch module (``backends/torch_backend.py``)."""
+to 8), where torch eager is the pruned model's torch module (``backends/torch/backend.py``)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import backends.numba_kernels  # noqa: E402,F401  (picks numba's threading layer before any launch)
+import backends.numba.kernels.common  # noqa: E402,F401  (picks numba's threading layer before any launch)
 
 BACKENDS = ("torch", "ort", "numba")
 
@@ -42,12 +42,12 @@ def build(name: str, size: int):
     """(model, input size) for a torchvision name or ``resnet56`` (CIFAR, 32x32); None if absent."""
     if name == "resnet56":
         try:
-            from compiler.cifar import cifar_resnet
+            from benchmarks.harness.cifar import cifar_resnet
         except ImportError:
             return None
         torch.manual_seed(0)
         return cifar_resnet(56).eval(), 32
-    from compiler.zoo import build as build_zoo
+    from benchmarks.harness.zoo import build as build_zoo
 
     return build_zoo(name), size
 
@@ -99,7 +99,7 @@ def timed(fn) -> float:
 def ort_session(graph, threads: int):
     import onnxruntime as ort
 
-    from backends.onnx_backend import emit_onnx
+    from backends.onnx.backend import emit_onnx
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -192,7 +192,7 @@ def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
     """Rows (one per variant, batch and thread count) for one model; [] when it has no
     definition. The variants are the model and, with ``--prune``, its pruned version."""
     import compiler
-    from passes.pruning import PruneChannels
+    from passes.pruning.prune import PruneChannels
 
     built = build(name, args.size)
     if built is None:
@@ -217,7 +217,7 @@ def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
 
 def bench_variant(label, eager, graph, x, load: bool, args, peaks) -> list[dict]:
     """Rows (one per thread count) for one graph and its torch eager module at one batch."""
-    from backends.numba_backend import compile_numba
+    from backends.numba.backend import compile_numba
     from compiler.report import graph_stats
 
     gflop = 2 * graph_stats(graph).macs / 1e9

@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backends.onnx_backend import compile_onnx  # noqa: E402
-from backends.torch_backend import compile_torch, to_graph  # noqa: E402
+from backends.onnx.backend import compile_onnx  # noqa: E402
+from backends.torch.backend import compile_torch, to_graph  # noqa: E402
+from benchmarks.harness import cifar  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
-from compiler import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from compiler.report import graph_stats  # noqa: E402
-from passes.pruning import PruneChannels  # noqa: E402
+from passes.pruning.prune import PruneChannels  # noqa: E402
 
 
 def latencies(graph, repeats: int) -> tuple[float, float]:

@@ -15,8 +15,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.harness.zoo import PRUNE_CONFIGS, check_pruning, zoo_names  # noqa: E402
 from benchmarks.isolated import map_isolated  # noqa: E402
-from compiler.zoo import PRUNE_CONFIGS, check_pruning, zoo_names  # noqa: E402
 
 
 def main() -> int:

@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
-from backends.onnx_backend import OnnxModel, compile_onnx  # noqa: E402
-from backends.onnx_quant import is_integer_kernel, kernel_profile  # noqa: E402
-from compiler import cifar  # noqa: E402
+from backends.onnx.backend import OnnxModel, compile_onnx  # noqa: E402
+from backends.onnx.quant import is_integer_kernel, kernel_profile  # noqa: E402
+from benchmarks.harness import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
-from passes.quantization import Quantize  # noqa: E402
+from passes.quantization.quantize import Quantize  # noqa: E402
 
 
 def ort_quantize_static(fp32: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelProto:
@@ -84,7 +84,7 @@ def latencies(models: dict[str, onnx.ModelProto], repeats: int) -> dict[str, flo
 
 def numba_latencies(graphs: dict, repeats: int) -> dict[str, float]:
     """Median batch-1 ms of each graph in the numba backend, interleaved rounds."""
-    from backends.numba_backend import compile_numba
+    from backends.numba.backend import compile_numba
 
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     models = {k: compile_numba(g) for k, g in graphs.items()}
@@ -153,7 +153,7 @@ def main() -> int:
             rows[f"slimgraph int8 ({cal})"] = (emitted, ort_accuracy(emitted, x_dev, y_dev),
                                                seconds)
         for bits in [float(b) for b in args.mixed.split(",") if b]:
-            from passes.quantization import QuantizeMixed
+            from passes.quantization.quantize import QuantizeMixed
 
             start = time.perf_counter()
             q = compile(graph, passes=[QuantizeMixed(average_bits=bits)],
@@ -163,7 +163,7 @@ def main() -> int:
             rows[f"slimgraph mixed ({bits:g} bits)"] = (
                 emitted, ort_accuracy(emitted, x_dev, y_dev), seconds)
         if args.prune:
-            from passes.pruning import PruneChannels
+            from passes.pruning.prune import PruneChannels
 
             unfused = compile(model, torch.zeros(1, 3, 32, 32), check=False).graph
             pruned = compile(unfused, passes=[PruneChannels(

@@ -27,15 +27,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import backends.numba_codebook as numba_codebook  # noqa: E402
-from backends.numba_backend import compile_numba  # noqa: E402
-from backends.onnx_backend import compile_onnx  # noqa: E402
-from backends.torch_backend import compile_torch, mean_centroid_gradients, to_graph  # noqa: E402
-from compiler import cifar  # noqa: E402
+import backends.numba.codebook as numba_codebook  # noqa: E402
+from backends.numba.backend import compile_numba  # noqa: E402
+from backends.onnx.backend import compile_onnx  # noqa: E402
+from backends.torch.backend import compile_torch, mean_centroid_gradients, to_graph  # noqa: E402
+from benchmarks.harness import cifar  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from compiler.pass_manager import PassManager  # noqa: E402
-from passes.pruning import PruneChannels  # noqa: E402
-from passes.quantization import Quantize  # noqa: E402
+from passes.pruning.prune import PruneChannels  # noqa: E402
+from passes.quantization.quantize import Quantize  # noqa: E402
 from passes.weight_sharing import ShareWeights  # noqa: E402
 
 BATCH = 50  # traced batch of the ONNX and numba artifacts (the torch module takes any)

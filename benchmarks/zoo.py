@@ -2,12 +2,12 @@
 
     python benchmarks/zoo.py                       # all 80 models, all checks, 2 workers
     python benchmarks/zoo.py --models resnet18,vit_b_16 --checks interpreter,onnx
-    python benchmarks/zoo.py --checks factorized --workers 1   # `N/80 factorized` (compiler/zoo.py)
+    python benchmarks/zoo.py --checks factorized --workers 1   # `N/80 factorized`
 
 Each model runs in its own worker process (memory is returned after each model). Models use random
-weights and the smallest input size the architecture accepts (compiler/zoo.py). Results also go to
-`--json` (default build/zoo.json), rewritten after every model; `--resume` runs only the models
-missing from it.
+weights and the smallest input size the architecture accepts (benchmarks/harness/zoo.py). Results
+also go to `--json` (default build/zoo.json), rewritten after every model; `--resume` runs only
+the models missing from it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.harness.zoo import check_model, zoo_names  # noqa: E402
 from benchmarks.isolated import map_isolated  # noqa: E402
-from compiler.zoo import check_model, zoo_names  # noqa: E402
 
 # the largest models, spread over the run so that two never share the machine's memory
 HEAVY = ("vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf")
@@ -56,7 +56,7 @@ def quantization_summary(rows: list[dict]) -> str:
     """Which integer kernels ORT ran, the share of its time in them, and the int8 deviation."""
     import statistics
 
-    from backends.onnx_quant import is_integer_kernel
+    from backends.onnx.quant import is_integer_kernel
 
     integer = [r for r in rows if any(is_integer_kernel(k) for k in r.get("kernels", ()))]
     shares = [r["integer_share"] for r in rows if "integer_share" in r]

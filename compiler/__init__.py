@@ -8,8 +8,8 @@ The entry point is :func:`compile`::
 
 from compiler.api import CompiledModel, compile
 from compiler.errors import SlimgraphError
-from compiler.ir import Graph, Node, Value
-from compiler.op_table import register_op
+from compiler.ir.graph import Graph, Node, Value
+from compiler.ops.table import register_op
 from compiler.pass_manager import Pass, PassManager, register_pass, register_preset
 
 __all__ = [

@@ -10,32 +10,42 @@ from typing import Any
 
 import numpy as np
 
+import passes as _builtin_passes  # noqa: F401  (adds the built-in passes, loaded on first lookup)
 from compiler.errors import InputError, OptionError
-from compiler.ir import Graph
-from compiler.pass_manager import Pass, PassManager, resolve_passes
+from compiler.ir.graph import Graph
+from compiler.ir.inputs import _to_numpy, calibration_inputs
+from compiler.pass_manager import Pass, PassContext, PassManager, resolve_passes, set_pass_context
 from compiler.report import Report
 
 BACKENDS = ("torch", "onnx", "numba")
+__all__ = ["BACKENDS", "CompiledModel", "atomic_write", "calibration_inputs", "compile"]
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+def _torch_module(graph: Graph) -> Any:
+    from backends.torch.backend import compile_torch
+
+    return compile_torch(graph)
+
+
+# The API is the composition root: it lends passes that run the model (Taylor scores, layer
+# sensitivity) a torch module builder, so no pass imports a backend.
+set_pass_context(PassContext(torch_module=_torch_module))
+
+
 
 
 def _backend_compiler(backend: str) -> Callable[[Graph], Any]:
     if backend == "torch":
-        from backends.torch_backend import compile_torch
+        from backends.torch.backend import compile_torch
 
         return compile_torch
     if backend == "onnx":
-        from backends.onnx_backend import compile_onnx
+        from backends.onnx.backend import compile_onnx
 
         return compile_onnx
     if backend == "numba":
         try:
-            from backends.numba_backend import compile_numba
+            from backends.numba.backend import compile_numba
         except ImportError:
             raise OptionError(
                 "the numba backend is not available yet",
@@ -85,7 +95,7 @@ class CompiledModel:
             outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
             outs = [o.numpy() for o in outs]
         else:
-            from compiler.interpreter import check_inputs
+            from compiler.ir.interpreter import check_inputs
 
             outs = self.artifact.run(*check_inputs(self.graph, [_to_numpy(x) for x in inputs]))
         if use_torch:
@@ -105,7 +115,7 @@ class CompiledModel:
 
     def to_torch(self):
         """A trainable ``nn.Module`` of the compressed graph, for fine-tuning."""
-        from backends.torch_backend import compile_torch
+        from backends.torch.backend import compile_torch
 
         return compile_torch(self.graph)
 
@@ -132,68 +142,6 @@ def _check_inputs(graph: Graph, example_inputs: Any) -> list[np.ndarray]:
         return [rng.standard_normal(v.shape).astype(v.dtype) for v in graph.inputs]
     ex = example_inputs if isinstance(example_inputs, (list, tuple)) else [example_inputs]
     return [_to_numpy(x) for x in ex]
-
-
-def calibration_inputs(graph: Graph, data: Any) -> list[np.ndarray]:
-    """Calibration data as one array per graph input, the samples stacked along the batch axis.
-
-    ``data`` is an iterable of example inputs (each a tensor/array, or a tuple with one per graph
-    input), each shaped like the graph's inputs except for the batch; or one array (a tensor)
-    already stacked, or a list with one stacked array per input of a multi-input graph.
-
-    Raises:
-        InputError: no samples, a sample of the wrong rank, shape or dtype.
-    """
-    specs = graph.inputs
-    if hasattr(data, "shape") or (
-        isinstance(data, (list, tuple)) and len(specs) > 1 and len(data) == len(specs)
-        and all(hasattr(d, "shape") and len(d.shape) == len(v.shape) for d, v in zip(data, specs))
-    ):
-        samples = [data if hasattr(data, "shape") else tuple(data)]
-    else:
-        try:
-            samples = list(data)
-        except TypeError:
-            raise InputError(
-                f"calibration data must be an iterable of example inputs, got "
-                f"{type(data).__name__}",
-                hint="pass a list of arrays shaped like the example input",
-            ) from None
-    if not samples:
-        raise InputError("calibration data is empty",
-                         hint="give at least one example input (100-1000 is typical)")
-    columns: list[list[np.ndarray]] = [[] for _ in specs]
-    for k, sample in enumerate(samples):
-        arrays = sample if isinstance(sample, (list, tuple)) else [sample]
-        if len(arrays) != len(specs):
-            raise InputError(
-                f"calibration sample {k} has {len(arrays)} array(s), the graph takes "
-                f"{len(specs)} input(s)",
-                hint="give one array per graph input: " + ", ".join(v.type_str() for v in specs),
-            )
-        for column, value, array in zip(columns, specs, arrays, strict=True):
-            array = _to_numpy(array)
-            if array.ndim != len(value.shape) or array.shape[1:] != value.shape[1:]:
-                raise InputError(
-                    f"calibration sample {k} for input '{value.name}' has shape "
-                    f"{tuple(array.shape)}, the graph's input is {value.shape} "
-                    "(any batch)",
-                    hint="calibrate on inputs shaped like the example input",
-                )
-            if array.dtype != np.dtype(value.dtype):
-                if not np.can_cast(array.dtype, value.dtype, casting="same_kind"):
-                    raise InputError(
-                        f"calibration sample {k} for input '{value.name}' has dtype "
-                        f"{array.dtype}, the graph's input is {value.dtype}",
-                        hint=f"convert it with .astype('{value.dtype}')",
-                    )
-                array = array.astype(value.dtype)
-            column.append(array)
-    stacked = [np.concatenate(c) for c in columns]
-    if len(stacked[0]) == 0:
-        raise InputError("calibration data is empty (zero rows)",
-                         hint="give at least one example input")
-    return stacked
 
 
 def _with_calibration(passes: Sequence[Any], data: list[np.ndarray] | None) -> list[Pass]:

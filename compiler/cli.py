@@ -55,7 +55,7 @@ def _compress(args: argparse.Namespace) -> int:
     import torch
 
     from compiler.api import compile
-    from compiler.zoo import load_model
+    from compiler.frontend.models import load_model
 
     model = load_model(args.model)
     shape = args.input_shape or (1, 3, 224, 224)
@@ -105,8 +105,8 @@ def _groups(args: argparse.Namespace) -> int:
     import torch
 
     from compiler.api import compile
-    from compiler.channel_groups import ChannelGroups
-    from compiler.zoo import load_model
+    from compiler.frontend.models import load_model
+    from passes.pruning.groups import ChannelGroups
 
     model = load_model(args.model)
     example = torch.randn(*(args.input_shape or (1, 3, 224, 224)))
@@ -116,9 +116,9 @@ def _groups(args: argparse.Namespace) -> int:
 
 
 def _list_passes() -> int:
-    from compiler.pass_manager import PASSES, PRESETS, _load_builtin_passes
+    from compiler.pass_manager import PASSES, PRESETS, load_passes
 
-    _load_builtin_passes()
+    load_passes()
     for name, cls in sorted(PASSES.items()):
         doc = (cls.__doc__ or "").strip().splitlines()
         print(f"{name:24s} {'exact' if cls.exact else 'lossy'}  {doc[0] if doc else ''}")
@@ -128,7 +128,7 @@ def _list_passes() -> int:
 
 
 def _list_ops() -> int:
-    from compiler.op_table import OPS, get_op
+    from compiler.ops.table import OPS, get_op
 
     get_op("relu")
     for name, op in sorted(OPS.items()):

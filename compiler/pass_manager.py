@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from compiler.errors import OptionError, PassError, SlimgraphError
-from compiler.ir import Graph
+from compiler.ir.graph import Graph
 from compiler.report import Report, graph_stats
 
 
@@ -60,8 +60,53 @@ class Pass:
         return f"{self.name}({opts})" if opts else self.name
 
 
+@dataclass
+class PassContext:
+    """What the layer above lends to passes that must run the model.
+
+    Passes sit below the backends and the API, so a pass that needs gradients or a fast forward
+    (Taylor scores, layer sensitivity) asks the context instead of importing a backend;
+    :mod:`compiler.api` fills it when imported.
+
+    Attributes:
+        torch_module: ``graph -> torch.nn.Module`` computing the graph with ``nn.Parameter``
+            weights in the order of ``graph.constants()`` (the module's ``_const_attrs``).
+    """
+
+    torch_module: Callable[[Graph], Any] | None = None
+
+    def require_torch_module(self, who: str) -> Callable[[Graph], Any]:
+        if self.torch_module is None:
+            raise OptionError(
+                f"{who} needs to run the model in torch, and no torch module builder is set",
+                hint="import compiler (compiler.api sets one), or call "
+                "set_pass_context(PassContext(torch_module=...))",
+            )
+        return self.torch_module
+
+
+_context = PassContext()
+
+
+def pass_context() -> PassContext:
+    """The context passes read (see :class:`PassContext`)."""
+    return _context
+
+
+def set_pass_context(context: PassContext) -> PassContext:
+    """Install ``context`` for every pass; returns the one it replaces."""
+    global _context
+    previous, _context = _context, context
+    return previous
+
+
 PASSES: dict[str, type[Pass]] = {}
 PRESETS: dict[str, list[str]] = {}
+# Callables that register passes when first needed. The pass manager never imports a pass package:
+# a package adds its loader here (``passes/__init__.py`` does, for the built-in passes), so the
+# registry is filled lazily and the core stays below the passes.
+PASS_SOURCES: list[Callable[[], None]] = []
+_loaded_sources: set[int] = set()
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -77,13 +122,23 @@ def register_preset(name: str, passes: Sequence[str]) -> None:
     PRESETS[name] = list(passes)
 
 
-def _load_builtin_passes() -> None:
-    import passes  # noqa: F401  (registers the built-in passes and presets)
+def add_pass_source(load: Callable[[], None]) -> None:
+    """Register ``load``, called once before the first lookup of a pass by name."""
+    if load not in PASS_SOURCES:
+        PASS_SOURCES.append(load)
+
+
+def load_passes() -> None:
+    """Run every pass source not yet run (each registers its passes and presets)."""
+    for load in list(PASS_SOURCES):
+        if id(load) not in _loaded_sources:
+            _loaded_sources.add(id(load))
+            load()
 
 
 def resolve_passes(specs: Iterable[str | Pass | type[Pass]]) -> list[Pass]:
     """Turn pass names, presets, classes and instances into a flat list of pass instances."""
-    _load_builtin_passes()
+    load_passes()
     out: list[Pass] = []
     for spec in specs:
         if isinstance(spec, Pass):
@@ -193,7 +248,7 @@ class PassManager:
 
     def run(self, graph: Graph) -> Graph:
         """Run every pass on ``graph`` in place and return it; rows go to ``self.report``."""
-        from compiler import interpreter
+        from compiler.ir import interpreter
 
         runner = self.runner or interpreter.run
         instances = resolve_passes(self.passes)

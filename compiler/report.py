@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from compiler.ir import Graph
-from compiler.op_table import get_op
+from compiler.ir.graph import Graph
+from compiler.ops.table import get_op
 
 
 @dataclass

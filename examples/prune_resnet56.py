@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from backends.torch_backend import to_graph
-from compiler import cifar, compile
+from backends.torch.backend import to_graph
+from benchmarks.harness import cifar, compile
 from compiler.report import graph_stats
-from passes.pruning import PruneChannels
+from passes.pruning.prune import PruneChannels
 
 
 def main(epochs: float = 1.0, out_dir: str = "build", images: int = 2000):

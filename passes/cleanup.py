@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.errors import OptionError, PassError
-from compiler.ir import Graph, Node, Value
-from compiler.op_table import get_op
+from compiler.ir.graph import Graph, Node, Value
+from compiler.ops.table import get_op
 from compiler.pass_manager import Pass, register_pass
 
 

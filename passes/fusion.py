@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.ir import Graph, Node, Value
+from compiler.ir.graph import Graph, Node, Value
 from compiler.ops.elementwise import ACTIVATIONS
 from compiler.pass_manager import Pass, register_pass, register_preset
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import OptionError, PassError
-from compiler.ir import Graph, Node, Value
+from compiler.ir.graph import Graph, Node, Value
 from compiler.ops.codebook import MAX_BITS, pack_indices
 from compiler.pass_manager import Pass, register_pass
 

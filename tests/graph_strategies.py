@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import strategies as st
 
-from compiler.ir import Graph, Value
+from compiler.ir.graph import Graph, Value
 from compiler.ops.elementwise import ACTIVATIONS
 
 BLOCKS = ("conv", "residual", "concat", "pool", "noop", "shared", "const", "lone_bn")

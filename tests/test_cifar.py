@@ -1,4 +1,4 @@
-"""compiler.cifar on the shared CIFAR-10 data and checkpoints: model sizes, the README's accuracies
+"""benchmarks.harness.cifar on the shared CIFAR-10 data and checkpoints: model sizes, the README's accuracies
 in torch and through slimgraph's torch and ONNX backends, fine-tuning a compiled graph."""
 
 import functools
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import compiler
-from compiler.cifar import (
+from benchmarks.harness.cifar import (
     DATA_ENV,
     augment_batch,
     calibration_batch,

@@ -94,7 +94,7 @@ def test_cli_groups(capsys):
 
 
 def test_example_prune_resnet56(tmp_path):
-    from compiler import cifar
+    from benchmarks.harness import cifar
 
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         pytest.skip(f"no CIFAR data under {cifar.data_dir()} (set SLIMGRAPH_DATA)")

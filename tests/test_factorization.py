@@ -9,16 +9,16 @@ from hypothesis import given, settings
 from torch import nn
 
 from compiler import compile
-from compiler import rank_selection as rs
-from compiler.channel_groups import ChannelGroups
 from compiler.errors import OptionError
 from compiler.frontend import trace
-from compiler.interpreter import run
-from compiler.ir import Graph
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.pass_manager import PassManager, deviation
 from compiler.report import graph_stats
-from passes.factorization import FactorizeRank
-from passes.pruning import PruneChannels
+from passes.factorization import ranks as rs
+from passes.factorization.factorize import FactorizeRank
+from passes.pruning.groups import ChannelGroups
+from passes.pruning.prune import PruneChannels
 from tests.graph_strategies import graphs_with_inputs
 
 RNG = np.random.default_rng(0)
@@ -340,9 +340,9 @@ def test_prune_then_factorize():
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_factorized_model_runs_in_backends(fuse):
-    from backends.numba_backend import compile_numba
-    from backends.onnx_backend import compile_onnx
-    from backends.torch_backend import compile_torch
+    from backends.numba.backend import compile_numba
+    from backends.onnx.backend import compile_onnx
+    from backends.torch.backend import compile_torch
 
     g = factorize(net_graph(fuse), energy=0.8, form="auto")
     assert g.meta["factorization"]["layers"]
@@ -388,7 +388,7 @@ def test_bad_options_have_clear_errors():
 def test_zoo_models_factorize_and_run(name):
     """Full rank matches the fused model; at energy 0.6 MACs drop and torch, ONNX Runtime and numba
     match the interpreter (all 80: `python benchmarks/zoo.py --checks factorized`)."""
-    from compiler.zoo import check_model
+    from benchmarks.harness.zoo import check_model
 
     result = check_model(name, checks=("factorized",))
     r = result["factorization"]
@@ -413,7 +413,7 @@ def test_compile_hands_calibration_data_to_the_pass():
 @pytest.mark.zoo
 def test_zoo_factorized_numba_check():
     """The zoo's light numba leg of the factorized check (`--checks factorized-numba`)."""
-    from compiler.zoo import check_model
+    from benchmarks.harness.zoo import check_model
 
     result = check_model("squeezenet1_0", checks=("factorized-numba",))
     assert "error" not in result, result

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from compiler import interpreter
 from compiler.errors import TraceError, UnsupportedOpError
 from compiler.frontend import trace
+from compiler.ir import interpreter
 from compiler.pass_manager import deviation
 
 

@@ -10,9 +10,9 @@ import pytest
 from graph_strategies import graphs_with_inputs, random_inputs
 from hypothesis import HealthCheck, given, settings
 
-from compiler import interpreter
 from compiler.errors import OptionError
-from compiler.ir import Graph, Value
+from compiler.ir import interpreter
+from compiler.ir.graph import Graph, Value
 from compiler.pass_manager import PASSES, PRESETS, PassManager, resolve_passes
 from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveNoops
 from passes.fusion import FoldBatchNorm, FuseActivations, FuseResidualAdd

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from compiler import interpreter
 from compiler.errors import InputError, OptionError, UnsupportedOpError, VerificationError
-from compiler.ir import Graph
-from compiler.op_table import get_op
+from compiler.ir import interpreter
+from compiler.ir.graph import Graph
+from compiler.ops.table import get_op
 from compiler.report import graph_stats
 
 

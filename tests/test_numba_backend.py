@@ -13,18 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.numba_backend import EMITTERS, compile_numba, load_numba
+from backends.numba.backend import EMITTERS, compile_numba, load_numba
 from compiler.errors import BackendError, InputError
-from compiler.interpreter import run
-from compiler.ir import Graph
-from compiler.op_table import OPS, get_op
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.ops.codebook import pack_indices
 from compiler.ops.nn import conv_out_size
+from compiler.ops.table import OPS, get_op
 from tests.numerics import relative_error
 from tests.quant_cases import QDQ_CASES
 
 get_op("relu")  # loads the built-in ops into OPS
-import backends.numba_emitters  # noqa: E402,F401  (registers the emitters)
+import backends.numba.emitters  # noqa: E402,F401  (registers the emitters)
 
 RTOL = 1e-4
 rng = np.random.default_rng(0)
@@ -321,8 +321,8 @@ def test_linear_kernel_splits_rows_or_columns_among_threads(m):
     """Few rows: blocks of output columns (1003: not whole vectors) per thread; many: rows (300
     rows: two row blocks of the GEMM, the last tile partial). Both kernels: the weight as it is
     (packed per call) and packed at compile time; K = 2048 runs in 8 passes."""
-    from backends import numba_kernels as K
-    from backends import numba_kernels_conv as KC
+    from backends.numba.kernels import common as K
+    from backends.numba.kernels import conv as KC
 
     x, w, b, r = randn(m, 2048), randn(1003, 2048), randn(1003), randn(m, 1003)
     want = np.maximum(x.astype(np.float64) @ w.T.astype(np.float64) + b + r, 0)
@@ -344,7 +344,7 @@ def test_gemm_without_blas(dtype):
     a remainder past its 4 chains."""
     from numba import njit
 
-    from backends import numba_kernels_gemm as G
+    from backends.numba.kernels import gemm as G
 
     @njit
     def both(a, b, bt, c, ct):
@@ -419,7 +419,7 @@ def test_max_pool_paths_against_torch(kernel):
     a NaN, which a window must propagate, against torch bit for bit."""
     import torch
 
-    from backends import numba_kernels_conv as KC
+    from backends.numba.kernels import conv as KC
 
     torch_pool = torch.nn.functional.max_pool2d
     rng = np.random.default_rng(0)
@@ -600,7 +600,7 @@ def test_compile_entry_point_checks_inputs():
 def test_torchvision_model_matches_torch(name):
     torch = pytest.importorskip("torch")
     import compiler
-    from compiler.zoo import build
+    from benchmarks.harness.zoo import build
 
     model = build(name)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

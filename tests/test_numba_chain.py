@@ -1,4 +1,4 @@
-"""Conv chains of the numba backend (backends/numba_kernels_chain.py): a run of convs in one
+"""Conv chains of the numba backend (backends/numba/kernels/chain.py): a run of convs in one
 parallel region gives the bits of the separate calls, at any thread count, and with more chunks
 than the threading layer gives threads."""
 
@@ -8,9 +8,9 @@ import numba
 import numpy as np
 import pytest
 
-from backends.numba_backend import compile_numba, load_numba
-from compiler.interpreter import run
-from compiler.ir import Graph
+from backends.numba.backend import compile_numba, load_numba
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from tests.numerics import relative_error
 
 rng = np.random.default_rng(3)

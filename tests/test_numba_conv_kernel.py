@@ -1,4 +1,4 @@
-"""The float32 implicit-GEMM conv2d micro-kernel (backends/numba_kernels_f32.py) against the
+"""The float32 implicit-GEMM conv2d micro-kernel (backends/numba/kernels/f32.py) against the
 reference conv2d over a grid of shapes and epilogues, and a small CNN through compile_numba."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import itertools
 import numpy as np
 import pytest
 
-from backends import numba_kernels as K
-from backends import numba_kernels_f32 as F
-from backends import numba_kernels_pointwise as PW
-from backends.numba_backend import compile_numba
-from compiler.interpreter import run
-from compiler.ir import Graph
+from backends.numba.backend import compile_numba
+from backends.numba.kernels import common as K
+from backends.numba.kernels import f32 as F
+from backends.numba.kernels import pointwise as PW
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.ops.nn import conv2d as reference_conv2d
 from compiler.ops.nn import conv_out_size
 from tests.numerics import relative_error

@@ -1,5 +1,5 @@
 """The depthwise conv2d kernel (KC.conv2d_depthwise: AVX-512 plane kernels written as LLVM IR, in
-backends/numba_kernels_dw.py) against the reference conv2d over kernels, strides, paddings,
+backends/numba/kernels/depthwise.py) against the reference conv2d over kernels, strides, paddings,
 dilations, channel multipliers, sizes and epilogues, and a MobileNet-like block through
 compile_numba."""
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from backends import numba_kernels as K
-from backends import numba_kernels_conv as KC
-from backends import numba_kernels_dw as DW
-from backends.numba_backend import compile_numba
+from backends.numba.backend import compile_numba
+from backends.numba.kernels import common as K
+from backends.numba.kernels import conv as KC
+from backends.numba.kernels import depthwise as DW
 from compiler import compile as slim_compile
-from compiler.interpreter import run
+from compiler.ir.interpreter import run
 from compiler.ops.nn import conv2d as reference_conv2d
 from compiler.ops.nn import conv_out_size
 from tests.numerics import relative_error
@@ -33,7 +33,7 @@ EPILOGUES = [
     ("hardswish", None, K.HARDSWISH, 0.0, 0.0),
     ("clip", {"min_val": -0.5, "max_val": None}, K.CLIP, -0.5, np.inf),
 ]
-# the plane kernel _depthwise_layout picks (see the comment above it in numba_kernels_dw.py)
+# the plane kernel _depthwise_layout picks (see the comment above it in backends/numba/kernels/depthwise.py)
 FLAT1_33, FLAT1_55, FLAT1_ANY, FLAT2_33, FLAT2_55, FLAT2_ANY, ROW1, ROW2, SCALAR = range(9)
 
 

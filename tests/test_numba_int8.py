@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from backends.numba_backend import compile_numba
-from backends.numba_kernels_int8 import (
+from backends.numba.backend import compile_numba
+from backends.numba.kernels.int8 import (
     CLIP,
     NONE,
     RELU,
@@ -22,10 +22,10 @@ from backends.numba_kernels_int8 import (
     pack_weight,
 )
 from compiler.api import compile
-from compiler.interpreter import run
+from compiler.ir.interpreter import run
 from compiler.ops.nn import conv2d, conv_out_size
 from compiler.pass_manager import deviation
-from passes.quantization import Quantize
+from passes.quantization.quantize import Quantize
 
 f32 = np.float32
 

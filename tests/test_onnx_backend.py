@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import backends.onnx_backend as onnx_backend
-from backends.onnx_backend import (
+import backends.onnx.backend as onnx_backend
+from backends.onnx.backend import (
     EMITTERS,
     MAX_OPSET,
     MIN_OPSET,
@@ -20,11 +20,11 @@ from backends.onnx_backend import (
     emit_onnx,
 )
 from compiler.errors import BackendError, InputError, OptionError
-from compiler.interpreter import run
-from compiler.ir import Graph
-from compiler.op_table import OPS, get_op
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.ops.codebook import pack_indices
 from compiler.ops.nn import conv_out_size
+from compiler.ops.table import OPS, get_op
 from tests.numerics import relative_error
 from tests.quant_cases import QDQ_CASES
 

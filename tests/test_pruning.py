@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from torch import nn
 
 from compiler import compile
-from compiler.channel_groups import ChannelGroups, refine
 from compiler.errors import OptionError
 from compiler.frontend import trace
-from compiler.interpreter import run
-from compiler.ir import Graph
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.pass_manager import PassManager
-from passes.pruning import PruneChannels
+from passes.pruning.groups import ChannelGroups, refine
+from passes.pruning.prune import PruneChannels
 from tests.graph_strategies import graphs_with_inputs
 
 

@@ -11,19 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from backends.numba_backend import compile_numba
-from backends.numba_kernels import CPU_FEATURES
-from backends.onnx_backend import compile_onnx
-from backends.onnx_quant import kernel_profile
-from backends.torch_backend import compile_torch
+from backends.numba.backend import compile_numba
+from backends.numba.kernels.common import CPU_FEATURES
+from backends.onnx.backend import compile_onnx
+from backends.onnx.quant import kernel_profile
+from backends.torch.backend import compile_torch
 from compiler.api import compile
 from compiler.errors import InputError, OptionError
-from compiler.interpreter import run
-from compiler.ir import Graph
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.ops.quant import dequantize_linear, quantize_linear
 from compiler.pass_manager import PassManager, deviation
-from passes.calibration import TensorStats, calibrate, run_calibration, uint8_params
-from passes.quantization import Quantize, quantize_weight
+from passes.quantization.calibration import TensorStats, calibrate, run_calibration, uint8_params
+from passes.quantization.quantize import Quantize, quantize_weight
 
 RNG = np.random.default_rng(0)
 
@@ -482,7 +482,7 @@ def imbalanced_chain() -> Graph:
 
 
 def test_equalization_is_exact_and_balances_the_channel_ranges():
-    from passes.equalization import channel_range_spread
+    from passes.quantization.equalization import channel_range_spread
 
     graph = imbalanced_chain()
     x = randn(1, 3, 8, 8)
@@ -513,7 +513,7 @@ def test_equalization_makes_int8_closer_on_an_imbalanced_net(calib):
 
 
 def test_allocation_is_the_knapsack_optimum():
-    from passes.quantization import allocate
+    from passes.quantization.quantize import allocate
 
     sizes = [100, 100, 1000]
     errors = [[0.1, 5.0, 0.0], [0.1, 0.2, 0.0], [0.01, 0.02, 0.0]]  # choices 8, 4, float
@@ -526,7 +526,7 @@ def test_allocation_is_the_knapsack_optimum():
 
 
 def test_mixed_precision_meets_its_budget_with_sensitive_layers_kept_wide(tiny, calib):
-    from passes.quantization import QuantizeMixed, layer_sensitivity
+    from passes.quantization.quantize import QuantizeMixed, layer_sensitivity
 
     layers = [n for n in tiny.nodes if n.op in ("conv2d", "linear")]
     errors = layer_sensitivity(tiny, layers, [calib[:16]], (8, 4, None), 0)
@@ -542,7 +542,7 @@ def test_mixed_precision_meets_its_budget_with_sensitive_layers_kept_wide(tiny, 
 
 
 def test_mixed_precision_options_are_checked():
-    from passes.quantization import QuantizeMixed
+    from passes.quantization.quantize import QuantizeMixed
 
     with pytest.raises(OptionError, match="exactly one"):
         QuantizeMixed()
@@ -553,7 +553,7 @@ def test_mixed_precision_options_are_checked():
 
 
 def test_zoo_check_quantizes_and_runs_in_integer_kernels(tiny, calib):
-    from compiler.zoo import check_quantization
+    from benchmarks.harness.zoo import check_quantization
 
     r = check_quantization(tiny, calib[:1])
     assert r["quantized"] and r["layers"] == 4 and r["float"] == 0, r
@@ -587,7 +587,7 @@ def test_cli_quantizes_with_a_calibration_file(tmp_path, monkeypatch, capsys):
 
 
 def test_numba_runs_quantized_convs_and_linears_in_integer_kernels(tiny, calib, tmp_path):
-    from backends.numba_backend import load_numba
+    from backends.numba.backend import load_numba
 
     q = quantized(tiny, calib)
     model = compile_numba(q)
@@ -605,7 +605,7 @@ def test_numba_runs_quantized_convs_and_linears_in_integer_kernels(tiny, calib, 
 
 
 def test_numba_integer_conv_matches_the_reference_with_padding_stride_and_zero_points():
-    from backends.numba_kernels_int8 import RELU, conv2d_u8s8, pack_weight
+    from backends.numba.kernels.int8 import RELU, conv2d_u8s8, pack_weight
     from compiler.ops.nn import conv2d
 
     rng = np.random.default_rng(3)
@@ -626,7 +626,7 @@ def test_numba_integer_conv_matches_the_reference_with_padding_stride_and_zero_p
 
 
 def test_calibration_falls_back_to_batch_by_batch_when_a_reshape_cannot_follow(calib):
-    from passes.calibration import rebatched
+    from passes.quantization.calibration import rebatched
 
     g = Graph("windows")  # (1, 2, 4) -> (2, 4): the leading dim is not the batch
     x = g.add_input("x", (1, 2, 4))
@@ -706,7 +706,7 @@ def test_a_bias_large_next_to_tiny_activations_fits_int32_by_coarser_weights():
 
 
 def test_integer_kernel_types_include_the_int8_matmuls():
-    from backends.onnx_quant import is_integer_kernel
+    from backends.onnx.quant import is_integer_kernel
 
     for op in ("QLinearConv", "QLinearAdd", "QGemm", "MatMulIntegerToFloat", "ConvInteger"):
         assert is_integer_kernel(op), op

@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.torch_backend import EMITTERS, GraphModule, compile_torch, to_graph
+from backends.torch.backend import EMITTERS, GraphModule, compile_torch, to_graph
 from compiler.errors import BackendError, InputError
-from compiler.interpreter import run
-from compiler.ir import Graph
-from compiler.op_table import OPS, get_op
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.ops.codebook import pack_indices
 from compiler.ops.elementwise import ACTIVATIONS
+from compiler.ops.table import OPS, get_op
 from tests.quant_cases import torch_cases
 
 RNG = np.random.default_rng(0)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import backends.numba_codebook as numba_codebook
-from backends.numba_backend import compile_numba
-from backends.onnx_backend import compile_onnx
-from backends.torch_backend import compile_torch, mean_centroid_gradients, to_graph
+import backends.numba.codebook as numba_codebook
+from backends.numba.backend import compile_numba
+from backends.onnx.backend import compile_onnx
+from backends.torch.backend import compile_torch, mean_centroid_gradients, to_graph
 from compiler.errors import OptionError, PassError
-from compiler.interpreter import run
-from compiler.ir import Graph
+from compiler.ir.graph import Graph
+from compiler.ir.interpreter import run
 from compiler.ops.codebook import pack_indices, packed_size, unpack_indices
 from compiler.pass_manager import PassManager, deviation
 from passes.cleanup import FoldConstants
@@ -100,7 +100,7 @@ def test_shared_weights_are_the_nearest_centroids():
 
 
 def run_lookup(node) -> np.ndarray:
-    from compiler.op_table import get_op
+    from compiler.ops.table import get_op
 
     return get_op("codebook_lookup").run([v.data for v in node.inputs], node.attrs)[0]
 
@@ -244,7 +244,7 @@ def test_onnx_file_shrinks_and_numba_package_stays_packed(tmp_path):
         assert {"w.codebook", "w.indices"} <= set(f.files) and "w" not in f.files
         assert not any("packed" in k for k in f.files)
         assert sum(f[k].nbytes for k in f.files) < 64 * 64 * 9 * 4 / 7
-    from backends.numba_backend import load_numba
+    from backends.numba.backend import load_numba
 
     xs = np.random.default_rng(3).standard_normal((1, 64, 4, 4)).astype(np.float32)
     (want,) = run(shared, [xs])
@@ -394,7 +394,7 @@ def test_importance_by_module_path_and_function():
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_zoo_model_shared_at_4_bits(name):
-    from compiler.zoo import check_model
+    from benchmarks.harness.zoo import check_model
 
     result = check_model(name, checks=("shared",))
     assert "error" not in result, result["error"]
@@ -433,7 +433,7 @@ def test_report_counts_a_shared_weight_as_its_weights_and_its_bytes_as_packed():
 
 def test_pruning_after_sharing_says_why_the_shared_layers_stay():
     from compiler.api import compile
-    from passes.pruning import PruneChannels
+    from passes.pruning.prune import PruneChannels
 
     shared = share(conv_net(out1=16), bits=4)
     result = compile(shared, passes=[PruneChannels(ratio=0.5)], check=False)

@@ -4,7 +4,7 @@ against torch eager. The full 80 run in benchmarks/zoo.py (results in docs/bench
 
 import pytest
 
-from compiler.zoo import check_model, zoo_names
+from benchmarks.harness.zoo import check_model, zoo_names
 
 FAMILIES = [
     "alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
@@ -24,7 +24,7 @@ def test_random_weight_models_depend_on_their_input():
     (GoogLeNet, Inception-v3 at random weights) are recalibrated, so checks on them can fail."""
     import torch
 
-    from compiler.zoo import MIN_INPUT_DEPENDENCE, build, input_dependence, input_size
+    from benchmarks.harness.zoo import MIN_INPUT_DEPENDENCE, build, input_dependence, input_size
 
     for name in ("googlenet", "inception_v3", "vit_b_32"):
         assert input_dependence(build(name), input_size(name)) > 100 * MIN_INPUT_DEPENDENCE, name
@@ -55,7 +55,7 @@ PRUNE_FAMILIES = [
 def test_zoo_pruning(name):
     """Half of every group's channels removed; the result is proven equal to the masked original
     and runs in torch and ONNX Runtime (the full 80 x 3 configs: benchmarks/prune_zoo.py)."""
-    from compiler.zoo import check_pruning
+    from benchmarks.harness.zoo import check_pruning
 
     result = check_pruning(name, configs=("uniform50",))
     assert "error" not in result, result["error"]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.ir import Graph, Value
+from compiler.ir.graph import Graph, Value
 
 aten = torch.ops.aten
 Converter = Callable[..., Any]

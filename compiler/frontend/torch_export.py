@@ -18,7 +18,7 @@ import torch
 
 from compiler.errors import SlimgraphError, TraceError, UnsupportedOpError
 from compiler.frontend.aten import CONVERTERS, Converter, Ctx, is_value, torch_dtype_name
-from compiler.ir import Graph, Value
+from compiler.ir.graph import Graph, Value
 
 aten = torch.ops.aten
 
@@ -168,7 +168,7 @@ def _import_call(graph: Graph, fx_node, env: dict[str, Any]) -> Any:
             op=str(target),
             source=module_path(fx_node),
             hint="add a converter with compiler.frontend.aten.register_aten(torch.ops.aten.X) "
-            "mapping it to IR ops (and register a new IR op with compiler.op_table.register_op "
+            "mapping it to IR ops (and register a new IR op with compiler.ops.table.register_op "
             "if none fits); see docs/architecture.md",
         )
     ctx = Ctx(graph, fx_node, module_path(fx_node))
@@ -205,7 +205,7 @@ def _materialize(graph: Graph, value: Value) -> Value:
     """The constant that an input-free value computes (via the reference interpreter)."""
     if value.is_constant:
         return value
-    from compiler import interpreter
+    from compiler.ir import interpreter
 
     needed: set[int] = set()
     stack = [value.producer]

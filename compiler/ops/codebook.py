@@ -22,10 +22,14 @@ The op is not foldable: folding it would store the dense weight again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from compiler.ir import Node
-from compiler.op_table import REQUIRED, TypeList, numel, register_op
+from compiler.ops.table import REQUIRED, TypeList, numel, register_op
+
+if TYPE_CHECKING:
+    from compiler.ir.graph import Node
 
 MAX_BITS = 8
 

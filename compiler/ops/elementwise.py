@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.ir import Node
-from compiler.op_table import (
+from compiler.ops.table import (
     OPS,
     TypeList,
     broadcast_shapes,
@@ -16,6 +16,9 @@ from compiler.op_table import (
     result_dtype,
     same_as_input,
 )
+
+if TYPE_CHECKING:
+    from compiler.ir.graph import Node
 
 # -- activations (each may also be fused into a conv/linear epilogue by name) ----------------------
 

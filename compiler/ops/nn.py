@@ -8,12 +8,15 @@ passes set these, the reference and every backend honour them.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.ir import Node
-from compiler.op_table import TypeList, numel, register_op, same_as_input
 from compiler.ops.elementwise import apply_activation
+from compiler.ops.table import TypeList, numel, register_op, same_as_input
+
+if TYPE_CHECKING:
+    from compiler.ir.graph import Node
 
 EPILOGUE = {"activation": None, "activation_attrs": None}
 

@@ -17,10 +17,14 @@ dequantize_linear is not foldable: fold-constants would turn an int8 weight back
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from compiler.ir import Node, Value
-from compiler.op_table import TypeList, register_op
+from compiler.ops.table import TypeList, register_op
+
+if TYPE_CHECKING:
+    from compiler.ir.graph import Node, Value
 
 QUANT_DTYPES = ("uint8", "int8")
 DEQUANT_DTYPES = ("uint8", "int8", "int32")

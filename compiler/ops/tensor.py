@@ -4,10 +4,14 @@ remove-noops pass to delete."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from compiler.ir import Node
-from compiler.op_table import REQUIRED, TypeList, numel, register_op, same_as_input
+from compiler.ops.table import REQUIRED, TypeList, numel, register_op, same_as_input
+
+if TYPE_CHECKING:
+    from compiler.ir.graph import Node
 
 
 @register_op("identity", infer=same_as_input(), attrs={"origin": "identity"})

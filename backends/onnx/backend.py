@@ -1,0 +1,301 @@
+"""ONNX backend: emit an IR graph as an ONNX model (onnx-graphsurgeon), run it with onnxruntime.
+
+    model = compile_onnx(graph)          # emit, check with onnx.checker, wrap
+    (y,) = model.run(x)                  # onnxruntime, CPU, all graph optimizations
+    model.save("model.onnx")             # atomic; external data only past protobuf's 2 GB
+
+The per-op emitters live in :mod:`backends.onnx.emitters`; this module walks the graph, names the
+values, checks the result and runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from backends.onnx.codebook import attach_functions
+from backends.onnx.emitters import ACTIVATIONS, EMITTERS, OnnxBuilder
+from backends.onnx.quant import INT4_OPSET, needs_int4, pack_int4
+from compiler.errors import BackendError, OptionError, SlimgraphError
+from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.interpreter import check_inputs
+
+__all__ = ["ACTIVATIONS", "DEFAULT_OPSET", "EMITTERS", "OnnxModel", "compile_onnx", "emit_onnx"]
+
+# Opset 20 is the lowest in which every op we emit has its native form (Gelu arrived in 20), so the
+# files load in the most runtimes; nothing we emit changes after it. Any opset from 18 (Reduce* take
+# axes as inputs, LayerNormalization exists; gelu is composed from Erf/Tanh below 20) to 26 (the
+# newest onnxruntime 1.31 loads; onnx 1.23's checker knows 28) can be asked for, and the tests pass
+# at both ends.
+DEFAULT_OPSET = 20
+MIN_OPSET = 18
+MAX_OPSET = 26
+PROTOBUF_LIMIT = 2**31 - 2**20  # a ModelProto must serialize below 2 GiB; keep 1 MiB for the graph
+
+
+def emit_onnx(
+    graph: Graph, *, opset: int | None = None, name: str | None = None
+) -> onnx.ModelProto:
+    """Translate ``graph`` into a checked ONNX model.
+
+    Constants become initializers; graph inputs and outputs keep their names, shapes and dtypes
+    (an output that is also an input, a constant or an earlier output is copied by an Identity
+    node named ``<name>_out``, since an ONNX tensor has one name).
+
+    Args:
+        graph: the IR graph (static shapes).
+        opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET``; by default ``DEFAULT_OPSET``, or 21 when
+            the graph has 4-bit weights (stored as packed INT4, which opset 21 introduced).
+        name: model graph name (default: the IR graph's name).
+
+    Raises:
+        BackendError: an op has no emitter, an emitter failed, or onnx.checker rejected the model.
+    """
+    if opset is None:
+        opset = max(DEFAULT_OPSET, INT4_OPSET) if needs_int4(graph) else DEFAULT_OPSET
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OptionError(
+            f"ONNX opset {opset} is not supported",
+            hint=f"pass opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})",
+        )
+    taken = {v.name for v in graph.values()} | {n.name for n in graph.nodes}
+    out = gs.Graph(name=name or graph.name, opset=opset)
+    builder = OnnxBuilder(out, opset, taken)
+    tensors: dict[int, gs.Tensor] = {}
+    for value in graph.inputs:
+        tensors[id(value)] = _variable(value)
+    out.inputs = [tensors[id(v)] for v in graph.inputs]
+    for node in graph.nodes:
+        _emit_node(builder, node, tensors)
+    out.outputs = _graph_outputs(builder, graph, tensors)
+    model = gs.export_onnx(out, do_type_check=True)
+    pack_int4(model, builder.memo.get("int4", set()))
+    attach_functions(model, builder.memo.get("functions", {}))
+    # graphsurgeon writes a value_info (name and element type, no shape) for every intermediate
+    # tensor; checker and runtimes infer those, and they were ~5 % of a compressed model's file
+    kept = [v for v in model.graph.value_info if v.type.tensor_type.HasField("shape")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    model.ir_version = max(  # model-local functions came with IR version 8
+        onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True),
+        8 if model.functions else 0,
+    )
+    model.producer_name = "slimgraph"
+    _check(model)
+    return model
+
+
+def _variable(value: Value) -> gs.Variable:
+    return gs.Variable(value.name, dtype=np.dtype(value.dtype), shape=list(value.shape))
+
+
+def _tensor(value: Value | None, tensors: dict[int, gs.Tensor]) -> gs.Tensor | None:
+    """The ONNX tensor of an IR value; constants become initializers on first use."""
+    if value is None:
+        return None
+    if id(value) not in tensors:
+        tensors[id(value)] = gs.Constant(value.name, np.ascontiguousarray(value.data))
+    return tensors[id(value)]
+
+
+def _emit_node(builder: OnnxBuilder, node: Node, tensors: dict[int, gs.Tensor]) -> None:
+    emit = EMITTERS.get(node.op)
+    if emit is None:
+        raise BackendError(
+            f"the ONNX backend has no emitter for op '{node.op}'",
+            node=node.name,
+            op=node.op,
+            source=node.source,
+            hint=f"add EMITTERS['{node.op}'] = fn in backends/onnx/emitters.py, where "
+            "fn(builder, node, *inputs) adds ONNX nodes with builder.op(...) and returns the "
+            "output tensor(s); see the existing entries",
+        )
+    builder.prefix, builder.made = node.name, set()
+    try:
+        result = emit(builder, node, *[_tensor(v, tensors) for v in node.inputs])
+    except SlimgraphError:
+        raise
+    except Exception as e:
+        raise BackendError(
+            f"ONNX emitter failed: {e}",
+            node=node.name,
+            op=node.op,
+            source=node.source,
+            hint="the node's attributes or input types may be outside what the emitter handles",
+        ) from e
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
+    for value, tensor in zip(node.outputs, results, strict=True):
+        if id(tensor) not in builder.made:  # returned an input unchanged: give it its own name
+            tensor = builder.op("Identity", tensor)
+        tensor.name, tensor.dtype = value.name, np.dtype(value.dtype)
+        tensor.shape = list(value.shape)
+        builder.made.discard(id(tensor))  # the same tensor for a second output gets a copy
+        tensors[id(value)] = tensor
+
+
+def _graph_outputs(builder: OnnxBuilder, graph: Graph, tensors: dict[int, gs.Tensor]) -> list:
+    builder.prefix, builder.made = "", set()
+    outputs, seen = [], {id(t) for t in builder.graph.inputs}
+    for value in graph.outputs:
+        tensor = _tensor(value, tensors)
+        if isinstance(tensor, gs.Constant) or id(tensor) in seen:
+            tensor = builder.op("Identity", tensor)
+            tensor.name = builder.fresh(f"{value.name}_out")
+            tensor.shape = list(value.shape)
+        seen.add(id(tensor))
+        outputs.append(tensor)
+    return outputs
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """onnx.checker with full shape inference; from a file when the model is past 2 GB."""
+    try:
+        if _initializer_bytes(model) < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            _save_external(model, path)
+            onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise BackendError(
+            f"onnx.checker rejected the emitted model: {e}",
+            hint="an emitter produced an invalid node; the node names in the message start "
+            "with the IR node's name",
+        ) from e
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    """Save with the initializers in ``<name>.data`` beside ``path``; ``model`` is not changed."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+
+
+def _write_bytes(data: bytes, path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class OnnxModel:
+    """An emitted ONNX model and an onnxruntime session for it (made on the first run).
+
+    Args:
+        model: the ONNX model.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
+    """
+
+    def __init__(self, model: onnx.ModelProto, *, threads: int | None = None) -> None:
+        self.model = model
+        self.threads = threads
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, threads: int | None = None) -> OnnxModel:
+        """Read a model written by :meth:`save` (external data included)."""
+        return cls(onnx.load(str(path)), threads=threads)
+
+    @functools.cached_property
+    def session(self):  # -> onnxruntime.InferenceSession
+        import onnxruntime as ort  # an optional dependency: only running needs it
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads or 0
+        options.log_severity_level = 3
+        source: Any = self.model.SerializeToString() if self._fits() else self._spill()
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def _fits(self) -> bool:
+        return _initializer_bytes(self.model) < PROTOBUF_LIMIT
+
+    def _spill(self) -> str:
+        """Past 2 GB onnxruntime must read the model from a file with external data."""
+        self._tmp = tempfile.TemporaryDirectory()
+        path = Path(self._tmp.name) / "model.onnx"
+        _save_external(self.model, path)
+        return str(path)
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Run on one array per graph input (in order); returns the outputs as numpy arrays.
+
+        Inputs are checked like the interpreter's (count, shape, dtype; safe casts applied)."""
+        arrays = check_inputs(self._signature, arrays)
+        feeds = {i.name: a for i, a in zip(self.model.graph.input, arrays, strict=True)}
+        return self.session.run(None, feeds)
+
+    @functools.cached_property
+    def _signature(self) -> Graph:
+        """An empty IR graph with the model's inputs, for :func:`check_inputs`."""
+        graph = Graph(self.model.graph.name)
+        for spec in self.model.graph.input:
+            tensor_type = spec.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            graph.add_input(spec.name, [d.dim_value for d in tensor_type.shape.dim], str(dtype))
+        return graph
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model to ``path`` atomically: staged in a temporary directory beside it, then
+        renamed, so ``path`` is either the old file or the complete new one. A model past 2 GB
+        keeps its initializers in ``<path>.data`` (written and renamed first)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            staged = Path(tmp) / path.name
+            if self._fits():
+                _write_bytes(self.model.SerializeToString(), staged)
+            else:
+                _save_external(self.model, staged)
+                data = Path(tmp) / f"{path.name}.data"
+                if data.exists():  # tensors under 1 KiB stay inline; there may be none past it
+                    os.replace(data, path.parent / data.name)
+            os.replace(staged, path)
+        return path
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """Options of :func:`compile_onnx`."""
+
+    opset: int | None = None  # DEFAULT_OPSET, or 21 for packed INT4 weights (emit_onnx)
+    name: str | None = None
+    threads: int | None = None
+
+
+def compile_onnx(graph: Graph, **options: Any) -> OnnxModel:
+    """Emit ``graph`` as ONNX and wrap it for running with onnxruntime.
+
+    Args:
+        graph: the IR graph.
+        **options: ``opset`` (default :data:`DEFAULT_OPSET`), ``name`` (model graph name),
+            ``threads`` (onnxruntime intra-op threads).
+    """
+    valid = [f.name for f in fields(OnnxOptions)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise OptionError(
+            f"unknown ONNX backend option(s) {unknown}", hint=f"valid options: {valid}"
+        )
+    opts = OnnxOptions(**options)
+    return OnnxModel(emit_onnx(graph, opset=opts.opset, name=opts.name), threads=opts.threads)

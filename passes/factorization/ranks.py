@@ -1,0 +1,340 @@
+"""Low-rank factorization maths, pure numpy: truncated and whitened SVD, the spatial and Tucker-2
+unfoldings of a conv kernel, rank selection (energy threshold, EVBMF) and the global-budget
+allocator. The ``factorize-rank`` pass (passes/factorization/factorize.py) builds on these.
+
+Errors are *relative squared* errors: ``||W - W_r||^2 / ||W||^2`` for weights, or, with a whitening
+factor ``L`` of the layer's input second moment ``E[x x^T] = L L^T``, ``||(W - W_r) L||^2 /
+||W L||^2``, which is the layer's expected squared output error relative to its output energy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# -- SVDs ----------------------------------------------------------------------------------------
+
+
+def whitening_factor(second_moment: np.ndarray, damping: float = 1e-3) -> np.ndarray:
+    """Lower Cholesky factor ``L`` of ``M + damping * mean(diag M) * I`` (``M = E[x x^T]``).
+
+    The damping keeps ``L`` invertible when some inputs never vary (dead channels, zero padding);
+    it is relative, so the same value suits inputs of any scale.
+    """
+    m = np.asarray(second_moment, dtype=np.float64)
+    scale = max(float(np.mean(np.diag(m))), 1e-30)
+    eye = np.eye(len(m))
+    for extra in (damping, damping * 10, damping * 100, 1.0):
+        try:
+            return np.linalg.cholesky(m + extra * scale * eye)
+        except np.linalg.LinAlgError:
+            continue
+    return np.sqrt(scale) * eye  # never reached for a real second-moment matrix
+
+
+def left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, s)`` of a matrix from the eigendecomposition of its Gram matrix ``A A^T``.
+
+    Several times faster than a full SVD for the wide unfoldings of conv kernels (64 x 576, 512 x
+    4608). Squaring the matrix only blurs singular values below ~1e-8 of the largest, which carry
+    no energy; ``U`` is orthonormal to machine precision either way, so ``U U^T A`` stays exact.
+    """
+    gram = matrix @ matrix.T
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1]
+    return vectors[:, order], np.sqrt(np.maximum(values[order], 0.0))
+
+
+def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(U, s, Vt)`` with ``matrix = U diag(s) Vt``, computed from the smaller Gram matrix.
+
+    Directions with (numerically) zero singular values get a zero row in ``Vt``: they carry no
+    energy, and dividing by ~0 would only amplify rounding.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape[0] > m.shape[1]:
+        u, s, vt = thin_svd(m.T)
+        return vt.T, s, u.T
+    u, s = left_singular(m)
+    tiny = s <= s[0] * 1e-10 if len(s) and s[0] > 0 else np.ones(len(s), bool)
+    vt = (u.T @ m) / np.where(tiny, 1.0, s)[:, None]
+    vt[tiny] = 0.0
+    return u, s, vt
+
+
+@dataclass
+class Svd:
+    """``matrix @ whiten = u @ diag(s) @ vt`` (``whiten`` = identity when None)."""
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    whiten: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, matrix: np.ndarray, whiten: np.ndarray | None = None) -> Svd:
+        m = np.asarray(matrix, dtype=np.float64)
+        u, s, vt = thin_svd(m if whiten is None else m @ whiten)
+        return cls(u, s, vt, whiten)
+
+    @property
+    def full_rank(self) -> int:
+        return len(self.s)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)`` with ``matrix ~= a @ b``, ``a`` (m, rank), ``b`` (rank, n), balanced: both
+        carry ``sqrt(s)``, so neither factor's scale dwarfs the other's when fine-tuned."""
+        root = np.sqrt(self.s[:rank])
+        a = self.u[:, :rank] * root
+        b = root[:, None] * self.vt[:rank]
+        if self.whiten is not None:  # b = (V_r^T S^1/2) L^-1, solved rather than inverted
+            b = np.linalg.solve(self.whiten.T, b.T).T
+        return a, b
+
+
+def relative_error_curve(*singular_values: np.ndarray) -> np.ndarray:
+    """Relative squared error at rank 1..R (index r-1) when every listed spectrum (one per conv
+    group, all truncated to the same rank) drops its values past r."""
+    size = max(len(s) for s in singular_values)
+    kept = np.zeros(size)
+    total = 0.0
+    for s in singular_values:
+        e = np.asarray(s, dtype=np.float64) ** 2
+        c = np.cumsum(e)
+        kept += np.concatenate([c, np.full(size - len(c), c[-1] if len(c) else 0.0)])
+        total += float(e.sum())
+    if total <= 0:
+        return np.zeros(size)
+    return np.maximum(1.0 - kept / total, 0.0)
+
+
+def energy_rank(errors: np.ndarray, energy: float) -> int:
+    """Smallest rank keeping at least ``energy`` of the squared singular values (error curve as
+    from :func:`relative_error_curve`)."""
+    ok = np.nonzero(errors <= (1.0 - energy) + 1e-12)[0]
+    return int(ok[0]) + 1 if len(ok) else len(errors)
+
+
+# -- conv kernel unfoldings ----------------------------------------------------------------------
+
+
+def channel_matrices(w: np.ndarray, groups: int = 1) -> list[np.ndarray]:
+    """One ``(C_out/g, C_in/g * kh * kw)`` matrix per group: ``conv = 1x1(kxk(x))`` factors it."""
+    o = w.shape[0]
+    return list(np.asarray(w, np.float64).reshape(groups, o // groups, -1))
+
+
+def spatial_matrix(w: np.ndarray) -> np.ndarray:
+    """``M[(i, y), (o, x)] = W[o, i, y, x]``: a rank-r split is a ``kh x 1`` conv to r channels
+    (columns of U) followed by a ``1 x kw`` conv (rows of S V^T)."""
+    o, i, kh, kw = w.shape
+    return np.asarray(w, np.float64).transpose(1, 2, 0, 3).reshape(i * kh, o * kw)
+
+
+def spatial_kernels(svd: Svd, rank: int, w_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(r, C_in, kh, 1)`` and ``(C_out, r, 1, kw)`` kernels of a rank-``rank`` spatial SVD."""
+    o, i, kh, kw = w_shape
+    a, b = svd.factors(rank)  # a: (i*kh, r), b: (r, o*kw)
+    vertical = a.T.reshape(rank, i, kh, 1)
+    horizontal = b.reshape(rank, o, 1, kw).transpose(1, 0, 2, 3)
+    return vertical, horizontal
+
+
+@dataclass
+class Tucker2:
+    """HOSVD of a conv kernel on its two channel modes: ``W ~= core x0 U_out x1 U_in``."""
+
+    u_out: np.ndarray  # (C_out, R_out)
+    u_in: np.ndarray  # (C_in, R_in)
+    core: np.ndarray  # (R_out, R_in, kh, kw), the full core
+    total: float  # ||W||^2
+
+    @classmethod
+    def of(cls, w: np.ndarray) -> Tucker2:
+        w = np.asarray(w, np.float64)
+        o, i = w.shape[:2]
+        u_out = left_singular(w.reshape(o, -1))[0][:, : min(o, w[0].size)]
+        u_in = left_singular(w.transpose(1, 0, 2, 3).reshape(i, -1))[0][:, : min(i, w.size // i)]
+        core = np.einsum("oiyx,or,is->rsyx", w, u_out, u_in, optimize=True)
+        return cls(u_out, u_in, core, float((w * w).sum()))
+
+    def error_grid(self) -> np.ndarray:
+        """Relative squared error at ranks ``(r_out, r_in)`` (index ``[r_out-1, r_in-1]``): the
+        bases are orthonormal, so the error is ``1 - ||core[:r_out, :r_in]||^2 / ||W||^2``."""
+        energy = (self.core**2).sum(axis=(2, 3))
+        kept = energy.cumsum(0).cumsum(1)
+        return np.maximum(1.0 - kept / max(self.total, 1e-300), 0.0)
+
+    def kernels(self, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(r_in, C_in, 1, 1)``, ``(r_out, r_in, kh, kw)`` and ``(C_out, r_out, 1, 1)``."""
+        first = self.u_in[:, :r_in].T[:, :, None, None]
+        last = self.u_out[:, :r_out][:, :, None, None]
+        return first, self.core[:r_out, :r_in], last
+
+
+# -- EVBMF ---------------------------------------------------------------------------------------
+
+
+def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
+    d = x - (1 + alpha)
+    return 0.5 * (d + np.sqrt(np.maximum(d * d - 4 * alpha, 0.0)))
+
+
+def evbmf(matrix: np.ndarray) -> tuple[int, float]:
+    """Analytic empirical variational Bayes matrix factorization (Nakajima et al., JMLR 2013).
+
+    Returns ``(rank, sigma2)``: the number of singular values above ``sqrt(M * sigma2 * x_bar)``
+    and the fitted noise variance (see ``../shared/TECHNIQUES.md`` §A for the formulas).
+    """
+    y = np.asarray(matrix, np.float64)
+    if y.shape[0] > y.shape[1]:
+        y = y.T
+    rows, cols = y.shape  # L <= M
+    s = left_singular(y)[1]
+    if rows < 2 or float(s[0]) <= 0:
+        return (int(s[0] > 0), 0.0)
+    alpha = rows / cols
+    tau_bar = 2.5129 * math.sqrt(alpha)
+    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+    e_upper = min(math.ceil(rows / (1 + alpha)) - 1, len(s)) - 1
+    tail = s[e_upper + 1 :] ** 2 if 0 <= e_upper + 1 < len(s) else s[-1:] ** 2
+    upper = float((s**2).sum()) / (rows * cols)
+    lower = max(float(tail[0]) / (cols * x_bar), float(tail.mean()) / cols)
+    lower = min(lower, upper)
+
+    def objective(sigma2: float) -> float:
+        x = s**2 / (cols * sigma2)
+        big, small = x[x > x_bar], x[x <= x_bar]
+        t = _tau(big, alpha)
+        return float(
+            (small - np.log(small)).sum()
+            + (big - t).sum()
+            + np.log((t + 1) / big).sum()
+            + alpha * np.log(t / alpha + 1).sum()
+        )
+
+    if upper <= lower * (1 + 1e-12):
+        sigma2 = upper
+    else:  # a log-spaced scan, then golden-section refinement around the best point
+        grid = np.geomspace(lower, upper, 200)
+        values = [objective(g) for g in grid]
+        k = int(np.argmin(values))
+        a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+        phi = (math.sqrt(5) - 1) / 2
+        for _ in range(60):
+            c, d = b - phi * (b - a), a + phi * (b - a)
+            if objective(c) < objective(d):
+                b = d
+            else:
+                a = c
+        sigma2 = (a + b) / 2
+    threshold = math.sqrt(cols * sigma2 * x_bar)
+    return int((s > threshold).sum()), sigma2
+
+
+# -- candidates and the global allocator ---------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One way to factorize a layer: its form, ranks, cost (MACs and params) and relative error."""
+
+    form: str
+    ranks: tuple[int, ...]
+    macs: int
+    params: int
+    error: float
+
+
+def pareto(choices: list[Choice], metric: str = "macs") -> list[Choice]:
+    """The choices no other beats on both cost and error, cheapest last."""
+    ordered = sorted(choices, key=lambda c: (-getattr(c, metric), c.error))
+    front: list[Choice] = []
+    for c in ordered:
+        while front and front[-1].error >= c.error - 1e-15:
+            front.pop()  # c is cheaper and at least as good
+        front.append(c)
+    return front
+
+
+def lower_hull(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the convex (lower-left) hull of ``(cost, error)`` points sorted by descending
+    cost with ascending error: the steps a greedy allocator takes, each with a rising slope."""
+    hull: list[int] = []
+    for k, (cost, err) in enumerate(points):
+        while len(hull) >= 2:
+            (c1, e1), (c2, e2) = points[hull[-2]], points[hull[-1]]
+            # drop the middle point when it lies above the segment from hull[-2] to k (points on
+            # it stay: smaller steps overshoot the budget less)
+            if (e2 - e1) * (c1 - cost) > (err - e1) * (c1 - c2) + 1e-15:
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return hull
+
+
+def allocate(
+    layers: list[list[Choice]],
+    kept_costs: list[int],
+    fixed_cost: int,
+    goal: float,
+    metric: str = "macs",
+) -> tuple[list[Choice | None], int]:
+    """Greedy global budget: starting from every layer unfactorized, repeatedly take the step
+    (along each layer's lower hull of cost vs error) that discards the least error per unit of
+    cost saved, until the total cost is at most ``goal``.
+
+    Args:
+        layers: per layer, its candidate choices (any order).
+        kept_costs: per layer, its cost when left alone.
+        fixed_cost: cost of everything that is never factorized.
+        goal: the total cost to reach.
+
+    Returns:
+        ``(choice per layer or None, total cost reached)``; the caller checks it against ``goal``.
+    """
+    paths, fronts = [], []
+    for choices, kept in zip(layers, kept_costs):
+        front = [c for c in pareto(choices, metric) if getattr(c, metric) < kept]
+        points = [(float(kept), 0.0)] + [(float(getattr(c, metric)), c.error) for c in front]
+        paths.append([None] + [front[k - 1] for k in lower_hull(points)[1:]])
+        fronts.append(front)
+    current = [0] * len(layers)
+    total = fixed_cost + sum(kept_costs)
+
+    def cost(li: int, k: int) -> float:
+        c = paths[li][k]
+        return kept_costs[li] if c is None else getattr(c, metric)
+
+    def error(li: int, k: int) -> float:
+        c = paths[li][k]
+        return 0.0 if c is None else c.error
+
+    heap = []
+    for li, path in enumerate(paths):
+        if len(path) > 1:
+            saved = cost(li, 0) - cost(li, 1)
+            heapq.heappush(heap, (error(li, 1) / max(saved, 1e-30), li))
+    while total > goal and heap:
+        _, li = heapq.heappop(heap)
+        k = current[li]
+        total -= int(cost(li, k) - cost(li, k + 1))
+        current[li] = k = k + 1
+        if k + 1 < len(paths[li]):
+            saved = cost(li, k) - cost(li, k + 1)
+            slope = (error(li, k + 1) - error(li, k)) / max(saved, 1e-30)
+            heapq.heappush(heap, (slope, li))
+    chosen = [paths[li][k] for li, k in enumerate(current)]
+    if total <= goal:  # the last hull step may overshoot: spend the slack on the layers' fronts
+        for li in sorted(range(len(layers)), key=lambda i: -error(i, current[i])):
+            now = cost(li, current[li])
+            fits = [c for c in fronts[li] if getattr(c, metric) <= now + goal - total]
+            better = min(fits, key=lambda c: c.error, default=None)
+            if better is not None and chosen[li] is not None and better.error < chosen[li].error:
+                total += int(getattr(better, metric) - now)
+                chosen[li] = better
+    return chosen, int(total)
