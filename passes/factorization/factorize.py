@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler.analysis.allocate import BudgetError
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph, Node
 from compiler.ops.nn import im2col
@@ -41,9 +42,10 @@ class FactorizeRank(Pass):
     this share of its MACs, least error within it), ``energy`` (each layer keeps at least this
     share of its squared singular values, at the least cost), ``evbmf=True`` (EVBMF per unfolding)
     or ``target`` (the fraction of the whole graph's MACs or params to keep, allocated across
-    layers by least discarded energy per unit of cost saved). With ``calibration_data`` the errors
-    are the layers' output errors on those inputs (whitened SVD: SVD of ``W L`` with ``L L^T`` the
-    input second moment, ``W ~= (U_r S_r)(V_r^T L^-1)``); that mode uses the channel form for convs.
+    layers for the least summed discarded energy by compiler/analysis/allocate.py). With
+    ``calibration_data`` the errors are the layers' output errors on those inputs (whitened SVD:
+    SVD of ``W L`` with ``L L^T`` the input second moment, ``W ~= (U_r S_r)(V_r^T L^-1)``); that
+    mode uses the channel form for convs.
 
     Attributes:
         rank, ratio, energy, evbmf, target: the rank selection (exactly one).
@@ -88,16 +90,20 @@ class FactorizeRank(Pass):
         if self.rank is not None and (int(self.rank) != self.rank or self.rank < 1):
             raise OptionError(f"rank {self.rank} is not a positive integer")
         if self.ratio is not None and not 0 < self.ratio < 1:
-            raise OptionError(f"ratio {self.ratio} is outside (0, 1)",
-                              hint="ratio is the share of each layer's MACs to keep, e.g. 0.5")
+            raise OptionError(
+                f"ratio {self.ratio} is outside (0, 1)",
+                hint="ratio is the share of each layer's MACs to keep, e.g. 0.5",
+            )
         if self.energy is not None and not 0 < self.energy <= 1:
             raise OptionError(
                 f"energy {self.energy} is outside (0, 1]",
                 hint="energy is the share of squared singular values to keep, e.g. 0.95",
             )
         if self.target is not None and not 0 < self.target <= 1:
-            raise OptionError(f"target {self.target} is outside (0, 1]",
-                              hint="target is the fraction of MACs/params to keep, e.g. 0.5")
+            raise OptionError(
+                f"target {self.target} is outside (0, 1]",
+                hint="target is the fraction of MACs/params to keep, e.g. 0.5",
+            )
         if self.target_metric not in ("macs", "params"):
             raise OptionError(f"target_metric {self.target_metric!r} is not 'macs' or 'params'")
         if self.form not in FORMS:
@@ -153,8 +159,10 @@ class FactorizeRank(Pass):
         unmatched = [p for p in self.ignore if p not in matched]
         if unmatched:
             known = sorted({n.source or n.name for n in out})[:8]
-            raise OptionError(f"ignore pattern(s) {unmatched} match no conv2d/linear layer",
-                              hint=f"patterns match module paths such as {known}")
+            raise OptionError(
+                f"ignore pattern(s) {unmatched} match no conv2d/linear layer",
+                hint=f"patterns match module paths such as {known}",
+            )
         return out
 
     # -- rank selection ---------------------------------------------------------------------------
@@ -186,18 +194,19 @@ class FactorizeRank(Pass):
         total = stats.macs if metric == "macs" else stats.params
         kept = [layer.macs if metric == "macs" else layer.params for layer in layers]
         fixed = total - sum(kept)
-        goal = self.target * total
-        chosen, reached = rs.allocate([lay.choices for lay in layers], kept, fixed, goal, metric)
-        if reached > goal * (1 + 1e-9):
-            least = rs.allocate([lay.choices for lay in layers], kept, fixed, 0, metric)[1]
+        try:
+            return rs.allocate(
+                [lay.choices for lay in layers], kept, fixed, self.target * total, metric
+            )[0]
+        except BudgetError as e:  # say it in the pass's terms: the target and the layers
+            least = fixed + e.least
             raise OptionError(
                 f"target {self.target:g} of {metric} is unreachable: factorizing every layer to "
                 f"its smallest rank keeps {least / total:.3f} (layers never factorized hold "
                 f"{fixed / total:.3f})",
                 hint=f"use target >= {math.ceil(least / total * 1000) / 1000:g}, or lower "
                 "min_rank/round_to, or drop ignore patterns",
-            )
-        return chosen
+            ) from None
 
     # -- calibration ------------------------------------------------------------------------------
     def _second_moments(self, graph: Graph, nodes: list[Node]) -> dict[str, list[np.ndarray]]:
@@ -273,8 +282,9 @@ class Layer:
         self.params = w.numel
         self.macs = int(np.prod(node.outputs[0].shape)) * int(np.prod(w.shape[1:]))
         self.groups = node.attrs.get("groups", 1) if node.op == "conv2d" else 1
-        self.whiten = None if moments is None else [rs.whitening_factor(m, damping)
-                                                    for m in moments]
+        self.whiten = (
+            None if moments is None else [rs.whitening_factor(m, damping) for m in moments]
+        )
         self.svds: dict[str, Any] = {}
         self.choices: list[rs.Choice] = []
 
@@ -350,8 +360,10 @@ class Layer:
     def _channel_choices(self, ranks: np.ndarray) -> list[rs.Choice]:
         errors = rs.relative_error_curve(*(s.s for s in self._channel_svds()))
         macs, params = self._channel_cost(ranks)
-        return [rs.Choice("channel", (int(r),), int(m), int(p), float(errors[r - 1]))
-                for r, m, p in zip(ranks, macs, params)]
+        return [
+            rs.Choice("channel", (int(r),), int(m), int(p), float(errors[r - 1]))
+            for r, m, p in zip(ranks, macs, params)
+        ]
 
     def _spatial_choices(self, ranks: np.ndarray) -> list[rs.Choice]:
         errors = rs.relative_error_curve(self._spatial_svd().s)
@@ -359,8 +371,10 @@ class Layer:
         kh, kw = self.w.shape[2:]
         params = ranks * c * kh + o * ranks * kw
         macs = n * ho * wd * ranks * c * kh + n * ho * wo * o * ranks * kw
-        return [rs.Choice("spatial", (int(r),), int(m), int(p), float(errors[r - 1]))
-                for r, m, p in zip(ranks, macs, params)]
+        return [
+            rs.Choice("spatial", (int(r),), int(m), int(p), float(errors[r - 1]))
+            for r, m, p in zip(ranks, macs, params)
+        ]
 
     def _tucker2_choices(self, r_out: np.ndarray, r_in: np.ndarray) -> list[rs.Choice]:
         grid = self._tucker().error_grid()
@@ -370,8 +384,10 @@ class Layer:
         params = b * c + a * b * k + o * a
         macs = n * h * wd * b * c + n * ho * wo * (a * b * k + o * a)
         errors = grid[a - 1, b - 1]
-        return [rs.Choice("tucker2", (int(x), int(y)), int(m), int(p), float(e))
-                for x, y, m, p, e in zip(a.flat, b.flat, macs.flat, params.flat, errors.flat)]
+        return [
+            rs.Choice("tucker2", (int(x), int(y)), int(m), int(p), float(e))
+            for x, y, m, p, e in zip(a.flat, b.flat, macs.flat, params.flat, errors.flat)
+        ]
 
     def primary(self, opts: FactorizeRank) -> rs.Choice | None:
         """The choice a fixed ``rank`` or EVBMF names in the layer's main form (channel under
@@ -388,7 +404,9 @@ class Layer:
             if r > f:
                 raise OptionError(
                     f"rank {r} is larger than possible for this layer's {form} form (at most {f})",
-                    node=self.node.name, op=self.node.op, source=self.node.source,
+                    node=self.node.name,
+                    op=self.node.op,
+                    source=self.node.source,
                     hint=f"use rank <= {f}, ratio=/energy= for per-layer ranks, or ignore=",
                 )
         return self.choices_of(form, 1, 1, only=ranks)[0]
@@ -401,8 +419,10 @@ class Layer:
         if form == "spatial":
             return (rs.evbmf(rs.spatial_matrix(self.w))[0],)
         o, i = self.w.shape[:2]
-        return (rs.evbmf(self.w.reshape(o, -1))[0],
-                rs.evbmf(self.w.transpose(1, 0, 2, 3).reshape(i, -1))[0])
+        return (
+            rs.evbmf(self.w.reshape(o, -1))[0],
+            rs.evbmf(self.w.transpose(1, 0, 2, 3).reshape(i, -1))[0],
+        )
 
     # -- the rewrite ------------------------------------------------------------------------------
     def factor_kernels(self, choice: rs.Choice) -> list[tuple[np.ndarray, dict]]:
@@ -417,16 +437,31 @@ class Layer:
                 return [(first, {}), (last, {})]
             first = first.reshape(len(first), *self.w.shape[1:])
             spatial = {k: a[k] for k in ("stride", "padding", "dilation")}
-            return [(first, {**spatial, "groups": self.groups}),
-                    (last[:, :, None, None], {"groups": self.groups})]
-        if choice.form == "spatial":
-            vertical, horizontal = rs.spatial_kernels(self._spatial_svd(), choice.ranks[0],
-                                                      self.w.shape)
             return [
-                (vertical, {"stride": (a["stride"][0], 1), "padding": (a["padding"][0], 0),
-                            "dilation": (a["dilation"][0], 1)}),
-                (horizontal, {"stride": (1, a["stride"][1]), "padding": (0, a["padding"][1]),
-                              "dilation": (1, a["dilation"][1])}),
+                (first, {**spatial, "groups": self.groups}),
+                (last[:, :, None, None], {"groups": self.groups}),
+            ]
+        if choice.form == "spatial":
+            vertical, horizontal = rs.spatial_kernels(
+                self._spatial_svd(), choice.ranks[0], self.w.shape
+            )
+            return [
+                (
+                    vertical,
+                    {
+                        "stride": (a["stride"][0], 1),
+                        "padding": (a["padding"][0], 0),
+                        "dilation": (a["dilation"][0], 1),
+                    },
+                ),
+                (
+                    horizontal,
+                    {
+                        "stride": (1, a["stride"][1]),
+                        "padding": (0, a["padding"][1]),
+                        "dilation": (1, a["dilation"][1]),
+                    },
+                ),
             ]
         first, core, last = self._tucker().kernels(*choice.ranks)
         spatial = {k: a[k] for k in ("stride", "padding", "dilation")}
@@ -445,7 +480,13 @@ class Layer:
             weight = graph.constant(array.astype(w.dtype), f"{w.name}_f{k}")
             inputs = [y, weight, *(node.inputs[2:] if last else [])]
             meta = {**node.meta, **base_meta} if last else dict(base_meta)
-            new = graph.add_node(node.op, inputs, {**attrs, **(epilogue if last else {})},
-                                 name=f"{node.name}_f{k}", before=node, meta=meta)
+            new = graph.add_node(
+                node.op,
+                inputs,
+                {**attrs, **(epilogue if last else {})},
+                name=f"{node.name}_f{k}",
+                before=node,
+                meta=meta,
+            )
             y = new.outputs[0]
         graph.replace_node(node, [y])

@@ -1,6 +1,7 @@
 """Low-rank factorization maths, pure numpy: truncated and whitened SVD, the spatial and Tucker-2
-unfoldings of a conv kernel, rank selection (energy threshold, EVBMF) and the global-budget
-allocator. The ``factorize-rank`` pass (passes/factorization/factorize.py) builds on these.
+unfoldings of a conv kernel, rank selection (energy threshold, EVBMF) and the global budget (an
+adapter on compiler/analysis/allocate.py). The ``factorize-rank`` pass
+(passes/factorization/factorize.py) builds on these.
 
 Errors are *relative squared* errors: ``||W - W_r||^2 / ||W||^2`` for weights, or, with a whitening
 factor ``L`` of the layer's input second moment ``E[x x^T] = L L^T``, ``||(W - W_r) L||^2 /
@@ -9,11 +10,12 @@ factor ``L`` of the layer's input second moment ``E[x x^T] = L L^T``, ``||(W - W
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from compiler.analysis import allocate as shared
 
 # -- SVDs ----------------------------------------------------------------------------------------
 
@@ -187,7 +189,8 @@ def evbmf(matrix: np.ndarray) -> tuple[int, float]:
     """Analytic empirical variational Bayes matrix factorization (Nakajima et al., JMLR 2013).
 
     Returns ``(rank, sigma2)``: the number of singular values above ``sqrt(M * sigma2 * x_bar)``
-    and the fitted noise variance (see ``../shared/TECHNIQUES.md`` §A for the formulas).
+    and the fitted noise variance (Nakajima et al.'s Theorem 2 threshold; the variance minimises
+    the model's free energy, a 1-D search).
     """
     y = np.asarray(matrix, np.float64)
     if y.shape[0] > y.shape[1]:
@@ -249,92 +252,41 @@ class Choice:
     error: float
 
 
-def pareto(choices: list[Choice], metric: str = "macs") -> list[Choice]:
-    """The choices no other beats on both cost and error, cheapest last."""
-    ordered = sorted(choices, key=lambda c: (-getattr(c, metric), c.error))
-    front: list[Choice] = []
-    for c in ordered:
-        while front and front[-1].error >= c.error - 1e-15:
-            front.pop()  # c is cheaper and at least as good
-        front.append(c)
-    return front
-
-
-def lower_hull(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the convex (lower-left) hull of ``(cost, error)`` points sorted by descending
-    cost with ascending error: the steps a greedy allocator takes, each with a rising slope."""
-    hull: list[int] = []
-    for k, (cost, err) in enumerate(points):
-        while len(hull) >= 2:
-            (c1, e1), (c2, e2) = points[hull[-2]], points[hull[-1]]
-            # drop the middle point when it lies above the segment from hull[-2] to k (points on
-            # it stay: smaller steps overshoot the budget less)
-            if (e2 - e1) * (c1 - cost) > (err - e1) * (c1 - c2) + 1e-15:
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return hull
-
-
 def allocate(
     layers: list[list[Choice]],
     kept_costs: list[int],
     fixed_cost: int,
     goal: float,
     metric: str = "macs",
+    method: str = shared.DEFAULT_METHOD,
 ) -> tuple[list[Choice | None], int]:
-    """Greedy global budget: starting from every layer unfactorized, repeatedly take the step
-    (along each layer's lower hull of cost vs error) that discards the least error per unit of
-    cost saved, until the total cost is at most ``goal``.
+    """Global budget: one choice per layer (or None, the layer left alone) whose total cost is
+    at most ``goal`` with the least summed relative error, by the shared allocator
+    (:func:`compiler.analysis.allocate.allocate`).
 
     Args:
         layers: per layer, its candidate choices (any order).
         kept_costs: per layer, its cost when left alone.
         fixed_cost: cost of everything that is never factorized.
         goal: the total cost to reach.
+        metric: the cost, "macs" or "params".
+        method: the allocator's solver ("best": greedy on the hulls and a knapsack, the better).
 
     Returns:
-        ``(choice per layer or None, total cost reached)``; the caller checks it against ``goal``.
+        ``(choice per layer or None, total cost reached)``.
+
+    Raises:
+        BudgetError: ``goal`` is below the cost with every layer at its cheapest choice;
+            ``least`` is that cost less ``fixed_cost``.
     """
-    paths, fronts = [], []
-    for choices, kept in zip(layers, kept_costs):
-        front = [c for c in pareto(choices, metric) if getattr(c, metric) < kept]
-        points = [(float(kept), 0.0)] + [(float(getattr(c, metric)), c.error) for c in front]
-        paths.append([None] + [front[k - 1] for k in lower_hull(points)[1:]])
-        fronts.append(front)
-    current = [0] * len(layers)
-    total = fixed_cost + sum(kept_costs)
-
-    def cost(li: int, k: int) -> float:
-        c = paths[li][k]
-        return kept_costs[li] if c is None else getattr(c, metric)
-
-    def error(li: int, k: int) -> float:
-        c = paths[li][k]
-        return 0.0 if c is None else c.error
-
-    heap = []
-    for li, path in enumerate(paths):
-        if len(path) > 1:
-            saved = cost(li, 0) - cost(li, 1)
-            heapq.heappush(heap, (error(li, 1) / max(saved, 1e-30), li))
-    while total > goal and heap:
-        _, li = heapq.heappop(heap)
-        k = current[li]
-        total -= int(cost(li, k) - cost(li, k + 1))
-        current[li] = k = k + 1
-        if k + 1 < len(paths[li]):
-            saved = cost(li, k) - cost(li, k + 1)
-            slope = (error(li, k + 1) - error(li, k)) / max(saved, 1e-30)
-            heapq.heappush(heap, (slope, li))
-    chosen = [paths[li][k] for li, k in enumerate(current)]
-    if total <= goal:  # the last hull step may overshoot: spend the slack on the layers' fronts
-        for li in sorted(range(len(layers)), key=lambda i: -error(i, current[i])):
-            now = cost(li, current[li])
-            fits = [c for c in fronts[li] if getattr(c, metric) <= now + goal - total]
-            better = min(fits, key=lambda c: c.error, default=None)
-            if better is not None and chosen[li] is not None and better.error < chosen[li].error:
-                total += int(getattr(better, metric) - now)
-                chosen[li] = better
-    return chosen, int(total)
+    options = [
+        [shared.Option(kept, 0.0, None)]
+        + [
+            shared.Option(getattr(c, metric), c.error, c)
+            for c in choices
+            if getattr(c, metric) < kept
+        ]  # a choice that saves nothing is never worth its error
+        for choices, kept in zip(layers, kept_costs)
+    ]
+    picked = shared.allocate(options, goal - fixed_cost, method=method)
+    return list(picked.payloads), int(round(fixed_cost + picked.cost))

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler.analysis.allocate import BudgetError, bisect_budget
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph
 from compiler.pass_manager import Pass, register_pass
@@ -192,26 +193,28 @@ class PruneChannels(Pass):
         return stats.macs if self.target_metric == "macs" else stats.params
 
     def _plan_for_target(self, graph, analysis, groups, scores) -> list[int]:
+        """The plan of the least removal ratio (uniform) or count (global) that reaches the
+        target: one parameter defines the plan, so this bisects on it (see bisect_budget)."""
         stats = graph_stats(graph)
         original = stats.macs if self.target_metric == "macs" else stats.params
-        goal = self.target * original
-        lo, hi = 0.0, 1.0 - 1e-9
-        best = self._plan(groups, scores, hi)
-        reached = self._measure(graph, analysis, best)
-        if reached > goal:
+        measured: dict[tuple, int] = {}
+
+        def cost_at(ratio: float) -> int:
+            plan = self._plan(groups, scores, ratio)
+            key = tuple(plan)  # nearby ratios often give the same plan: measure it once
+            if key not in measured:
+                measured[key] = self._measure(graph, analysis, plan)
+            return measured[key]
+
+        try:
+            ratio = bisect_budget(cost_at, self.target * original, 0.0, 1.0 - 1e-9, steps=14)
+        except BudgetError as e:
             raise OptionError(
                 f"target {self.target:g} of {self.target_metric} is unreachable: pruning every "
-                f"group to its minimum keeps {reached / original:.3f}",
+                f"group to its minimum keeps {e.least / original:.3f}",
                 hint="raise the target, lower min_channels/round_to, or drop ignore patterns",
-            )
-        for _ in range(14):  # bisection on the removal ratio
-            mid = (lo + hi) / 2
-            plan = self._plan(groups, scores, mid)
-            if self._measure(graph, analysis, plan) <= goal:
-                hi, best = mid, plan
-            else:
-                lo = mid
-        return best
+            ) from None
+        return self._plan(groups, scores, ratio)
 
 
 def _spans_residual(graph: Graph, analysis: ChannelGroups, group: Group) -> bool:
@@ -241,6 +244,8 @@ def _note_compressed_layers(graph: Graph) -> None:
     ]
     if found:
         what = sorted({k for _, k in found})
-        note = (f"prune-channels: {len(found)} layer(s) with {'/'.join(what)} weights are not "
-                f"pruned (e.g. {found[0][0]}); run prune-channels before share-weights/quantize")
+        note = (
+            f"prune-channels: {len(found)} layer(s) with {'/'.join(what)} weights are not "
+            f"pruned (e.g. {found[0][0]}); run prune-channels before share-weights/quantize"
+        )
         graph.meta["notes"] = [*graph.meta.get("notes", ()), note]

@@ -20,12 +20,12 @@ quantization of a range starting at 0).
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from compiler.analysis import allocate as shared
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.inputs import calibration_inputs
@@ -42,7 +42,10 @@ WEIGHT_BITS = (4, 8)
 
 
 def quantize_weight(
-    w: np.ndarray, bits: int, group_size: int = 0, clip: str = "max",
+    w: np.ndarray,
+    bits: int,
+    group_size: int = 0,
+    clip: str = "max",
     min_scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel (or per group of ``group_size`` input channels) quantization.
@@ -184,11 +187,16 @@ class Quantize(Pass):
         means = [n.inputs[0] for n in layers] if self.bias_correction else []
         input_names = [n.inputs[0].name for n in layers]
         stats = run_calibration(
-            graph, data, activations + [v for v in means if v not in activations],
-            batch_size=self.calibration_batch, seed=self.seed, means=means,
+            graph,
+            data,
+            activations + [v for v in means if v not in activations],
+            batch_size=self.calibration_batch,
+            seed=self.seed,
+            means=means,
         )
-        ranges = {v.name: calibrate(stats[v.name], self.calibrator, self.percentile)
-                  for v in activations}
+        ranges = {
+            v.name: calibrate(stats[v.name], self.calibrator, self.percentile) for v in activations
+        }
         for value in activations:
             _insert_qdq(graph, value, *uint8_params(*ranges[value.name]))
         for node, x_name in zip(layers, input_names, strict=True):
@@ -212,8 +220,10 @@ class Quantize(Pass):
             wanted.setdefault(id(out), out)
         outputs = {id(v) for v in graph.outputs}
         return [
-            v for v in wanted.values()
-            if not v.is_constant and np.dtype(v.dtype).kind == "f"
+            v
+            for v in wanted.values()
+            if not v.is_constant
+            and np.dtype(v.dtype).kind == "f"
             and (self.quantize_outputs or id(v) not in outputs)
         ]
 
@@ -263,8 +273,11 @@ def _is_activation_add(node: Node, known: list) -> bool:
     """A standalone add of two float activations of the same shape (a residual not fused)."""
     a, b = node.inputs
     return (
-        node not in known and not a.is_constant and not b.is_constant
-        and a.shape == b.shape and np.dtype(a.dtype).kind == "f"
+        node not in known
+        and not a.is_constant
+        and not b.is_constant
+        and a.shape == b.shape
+        and np.dtype(a.dtype).kind == "f"
     )
 
 
@@ -285,8 +298,7 @@ def _insert_qdq(graph: Graph, value: Value, scale: np.float32, zero: np.uint8) -
     s = graph.constant(np.array(scale, np.float32), f"{value.name}.scale")
     z = graph.constant(np.array(zero, np.uint8), f"{value.name}.zero")
     q = graph.add_node("quantize_linear", [value, s, z], name=f"{value.name}.q", **where)
-    dq = graph.add_node("dequantize_linear", [q.outputs[0], s, z], name=f"{value.name}.dq",
-                        after=q)
+    dq = graph.add_node("dequantize_linear", [q.outputs[0], s, z], name=f"{value.name}.dq", after=q)
     for reader, index in readers:
         reader.set_input(index, dq.outputs[0])
     graph.outputs = [dq.outputs[0] if v is value else v for v in graph.outputs]
@@ -313,8 +325,14 @@ def shared_weight(value: Value) -> Node | None:
     return p
 
 
-def _quantize_codebook(graph: Graph, lookup: Node, bits: int, clip: str, meta: dict,
-                       min_scale: np.ndarray | None = None):
+def _quantize_codebook(
+    graph: Graph,
+    lookup: Node,
+    bits: int,
+    clip: str,
+    meta: dict,
+    min_scale: np.ndarray | None = None,
+):
     """Quantize a shared weight without decoding it: each codebook group gets a symmetric scale
     (chosen on the decoded weights, so each centroid counts as often as it is used) and int8
     centroids; the indices are kept. Returns ``(int8 weight value, per-output-channel scale,
@@ -334,8 +352,12 @@ def _quantize_codebook(graph: Graph, lookup: Node, bits: int, clip: str, meta: d
     channel_scale = np.repeat(group_scale, o // rows).astype(np.float32)
     name = codebook.name.removesuffix(".codebook")
     weight = graph.add_node(
-        "codebook_lookup", [graph.constant(q_codebook, f"{name}.codebook.q"), indices],
-        dict(lookup.attrs), name=f"{name}.lookup.q", after=lookup, meta=meta,
+        "codebook_lookup",
+        [graph.constant(q_codebook, f"{name}.codebook.q"), indices],
+        dict(lookup.attrs),
+        name=f"{name}.lookup.q",
+        after=lookup,
+        meta=meta,
     ).outputs[0]
     (q_weight,) = get_op("codebook_lookup").run([q_codebook, indices.data], lookup.attrs)
     deq = q_weight.astype(np.float64).reshape(o, -1) * channel_scale.astype(np.float64)[:, None]
@@ -355,8 +377,7 @@ def _quantize_layer(
     groups = group_size if lookup is None and bits == 4 and _groupable(node, group_size) else 0
     floor = None if groups else _min_weight_scale(bias, s_x)
     if lookup is not None:  # shared: int8 centroids, same indices, per-channel scales
-        q_value, scale, wq_float, dense = _quantize_codebook(graph, lookup, bits, clip, meta,
-                                                             floor)
+        q_value, scale, wq_float, dense = _quantize_codebook(graph, lookup, bits, clip, meta, floor)
     else:
         q, scale = quantize_weight(w.data, bits, groups, clip=clip, min_scale=floor)
         wq_float = _dequantized(q, scale, groups)
@@ -367,28 +388,51 @@ def _quantize_layer(
     if lookup is not None:
         dq = graph.add_node(
             "dequantize_linear",
-            [q_value, graph.constant(scale, f"{w.name}.scale"),
-             graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
-            {"axis": 0, "bits": bits}, name=f"{w.name}.dq", before=node, meta=meta,
+            [
+                q_value,
+                graph.constant(scale, f"{w.name}.scale"),
+                graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero"),
+            ],
+            {"axis": 0, "bits": bits},
+            name=f"{w.name}.dq",
+            before=node,
+            meta=meta,
         )
     elif groups:
         flat = q.reshape(q.shape[0], -1)
         block = flat.shape[1] // scale.shape[1]
         dq = graph.add_node(
             "dequantize_linear",
-            [graph.constant(flat, f"{w.name}.q"), graph.constant(scale, f"{w.name}.scale"),
-             graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
-            {"axis": 1, "block_size": block, "bits": bits}, name=f"{w.name}.dq", before=node,
+            [
+                graph.constant(flat, f"{w.name}.q"),
+                graph.constant(scale, f"{w.name}.scale"),
+                graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero"),
+            ],
+            {"axis": 1, "block_size": block, "bits": bits},
+            name=f"{w.name}.dq",
+            before=node,
             meta=meta,
         )
-        dq = graph.add_node("reshape", [dq.outputs[0]], {"shape": w.shape},
-                            name=f"{w.name}.reshape", before=node, meta=meta)
+        dq = graph.add_node(
+            "reshape",
+            [dq.outputs[0]],
+            {"shape": w.shape},
+            name=f"{w.name}.reshape",
+            before=node,
+            meta=meta,
+        )
     else:
         dq = graph.add_node(
             "dequantize_linear",
-            [graph.constant(q, f"{w.name}.q"), graph.constant(scale, f"{w.name}.scale"),
-             graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero")],
-            {"axis": 0, "bits": bits}, name=f"{w.name}.dq", before=node, meta=meta,
+            [
+                graph.constant(q, f"{w.name}.q"),
+                graph.constant(scale, f"{w.name}.scale"),
+                graph.constant(np.zeros(scale.shape, np.int8), f"{w.name}.zero"),
+            ],
+            {"axis": 0, "bits": bits},
+            name=f"{w.name}.dq",
+            before=node,
+            meta=meta,
         )
     node.set_input(1, dq.outputs[0])
     if lookup is not None and not lookup.outputs[0].uses:
@@ -399,10 +443,15 @@ def _quantize_layer(
             bq = np.clip(np.rint(bias / bs), -(2**31), 2**31 - 1).astype(np.int32)
             bdq = graph.add_node(
                 "dequantize_linear",
-                [graph.constant(bq, f"{node.name}.bias.q"),
-                 graph.constant(bs, f"{node.name}.bias.scale"),
-                 graph.constant(np.zeros(bs.shape, np.int32), f"{node.name}.bias.zero")],
-                {"axis": 0}, name=f"{node.name}.bias.dq", before=node, meta=meta,
+                [
+                    graph.constant(bq, f"{node.name}.bias.q"),
+                    graph.constant(bs, f"{node.name}.bias.scale"),
+                    graph.constant(np.zeros(bs.shape, np.int32), f"{node.name}.bias.zero"),
+                ],
+                {"axis": 0},
+                name=f"{node.name}.bias.dq",
+                before=node,
+                meta=meta,
             )
             node.set_input(2, bdq.outputs[0])
         else:
@@ -462,7 +511,6 @@ def calibration_arrays(graph: Graph, data: Any, who: str) -> list[np.ndarray]:
     return calibration_inputs(graph, data)
 
 
-
 # -- mixed precision ---------------------------------------------------------------------------
 
 
@@ -473,8 +521,8 @@ class QuantizeMixed(Quantize):
 
     ``conv2d(x, $w) -> conv2d(dq(q(x)), dq($w_b))`` with ``b`` per layer: each layer's sensitivity
     ``e[l, b]`` is the relative mean squared change of the logits on calibration data when only
-    its weights are quantized to ``b`` bits; assuming the errors add up, a knapsack dynamic
-    program (Fei et al.'s bit-width assignment, ../shared/TECHNIQUES.md §M) minimises
+    its weights are quantized to ``b`` bits; assuming the errors add up, a knapsack (Fei et al.'s
+    bit-width assignment, 2022; compiler/analysis/allocate.py) minimises
     ``sum e[l, b_l]`` subject to ``sum n_l b_l <= average_bits * sum n_l`` (``n_l`` weights in
     layer ``l``, float counting 32 bits), or with ``max_error`` the smallest model whose summed
     sensitivity stays within it. Then it quantizes like ``quantize``, with those ``layer_bits``.
@@ -495,17 +543,23 @@ class QuantizeMixed(Quantize):
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.average_bits is None) == (self.max_error is None):
-            raise OptionError("quantize-mixed needs exactly one of average_bits= or max_error=",
-                              hint="e.g. quantize-mixed(average_bits=6)")
+            raise OptionError(
+                "quantize-mixed needs exactly one of average_bits= or max_error=",
+                hint="e.g. quantize-mixed(average_bits=6)",
+            )
         bad = [c for c in self.choices if c is not None and c not in WEIGHT_BITS]
         if bad or not self.choices:
-            raise OptionError(f"quantize-mixed: unsupported choices {bad or self.choices}",
-                              hint=f"choose among {WEIGHT_BITS} and None (float)")
+            raise OptionError(
+                f"quantize-mixed: unsupported choices {bad or self.choices}",
+                hint=f"choose among {WEIGHT_BITS} and None (float)",
+            )
         low = min(32 if c is None else c for c in self.choices)
         if self.average_bits is not None and self.average_bits < low:
             raise OptionError(
                 f"quantize-mixed: average_bits={self.average_bits} is below the smallest choice "
-                f"({low} bits)", hint="raise average_bits or add a smaller choice")
+                f"({low} bits)",
+                hint="raise average_bits or add a smaller choice",
+            )
 
     def run(self, graph: Graph) -> bool:
         data = calibration_arrays(graph, self.calibration_data, "quantize-mixed")
@@ -516,8 +570,9 @@ class QuantizeMixed(Quantize):
         rows = [a[: max(self.sensitivity_samples, graph.inputs[0].shape[0])] for a in data]
         errors = layer_sensitivity(graph, layers, rows, self.choices, self.group_size)
         sizes = [n.inputs[1].numel for n in layers]
-        pick = allocate(sizes, errors, self.choices, average_bits=self.average_bits,
-                        max_error=self.max_error)
+        pick = allocate(
+            sizes, errors, self.choices, average_bits=self.average_bits, max_error=self.max_error
+        )
         chosen = {n.name: self.choices[k] for n, k in zip(layers, pick, strict=True)}
         base.layer_bits = {**chosen, **(self.layer_bits or {})}
         changed = base.run(graph)
@@ -530,8 +585,9 @@ class QuantizeMixed(Quantize):
         return changed
 
 
-def layer_sensitivity(graph: Graph, layers: list[Node], rows: list[np.ndarray],
-                      choices, group_size: int) -> list[list[float]]:
+def layer_sensitivity(
+    graph: Graph, layers: list[Node], rows: list[np.ndarray], choices, group_size: int
+) -> list[list[float]]:
     """``e[l][k]``: relative MSE of the outputs when only layer ``l``'s weights take
     ``choices[k]`` bits (0 for float), measured with the torch backend on ``rows``."""
     import torch
@@ -560,49 +616,47 @@ def layer_sensitivity(graph: Graph, layers: list[Node], rows: list[np.ndarray],
             groups = group_size if bits == 4 and _groupable(node, group_size) else 0
             q, scale = quantize_weight(w.data, bits, groups, clip="mse" if bits < 8 else "max")
             param.data = torch.from_numpy(_dequantized(q, scale, groups).astype(w.dtype))
-            err = sum(float(((o.double() - r.double()) ** 2).mean())
-                      for o, r in zip(outputs(), reference, strict=True))
+            err = sum(
+                float(((o.double() - r.double()) ** 2).mean())
+                for o, r in zip(outputs(), reference, strict=True)
+            )
             row.append(err / power)
         param.data = original
         errors.append(row)
     return errors
 
 
-def allocate(sizes: list[int], errors: list[list[float]], choices, *,
-             average_bits: float | None = None, max_error: float | None = None,
-             steps: int = 400_000) -> list[int]:
-    """Knapsack over (layer, choice): the index of each layer's choice minimising the summed error
-    within ``average_bits`` per weight, or the smallest size whose summed error is within
-    ``max_error``."""
+def allocate(
+    sizes: list[int],
+    errors: list[list[float]],
+    choices,
+    *,
+    average_bits: float | None = None,
+    max_error: float | None = None,
+    steps: int = 400_000,
+) -> list[int]:
+    """The index of each layer's choice minimising the summed error within ``average_bits`` per
+    weight, or the smallest size whose summed error is within ``max_error``: a knapsack by the
+    shared allocator (:func:`compiler.analysis.allocate.allocate`), exact while the sizes' gcd
+    needs at most ``steps`` units of the size axis.
+
+    With ``max_error`` below every assignment's error, the least-error assignment (the smallest
+    of those) is returned.
+    """
     bits = [32 if c is None else c for c in choices]
-    exact = [[n * b for b in bits] for n in sizes]
-    unit = math.gcd(*[c for row in exact for c in row])  # exact costs in units of the gcd
-    if sum(max(row) for row in exact) / unit > steps:  # too fine: round, at most L units off
-        unit = sum(max(row) for row in exact) / steps
-    costs = [[round(c / unit) for c in row] for row in exact]
-    top = sum(max(c) for c in costs)
-    dp = np.full(top + 1, np.inf)
-    dp[0] = 0.0
-    keep = np.zeros((len(sizes), top + 1), np.int8)
-    for layer, (cost, err) in enumerate(zip(costs, errors, strict=True)):
-        new = np.full(top + 1, np.inf)
-        for k, (c, e) in enumerate(zip(cost, err, strict=True)):
-            shifted = np.full(top + 1, np.inf)
-            shifted[c:] = dp[: top + 1 - c] + e
-            better = shifted < new
-            new[better], keep[layer][better] = shifted[better], k
-        dp = new
+    layers = [
+        [shared.Option(n * b, e) for b, e in zip(bits, row, strict=True)]
+        for n, row in zip(sizes, errors, strict=True)
+    ]
     if average_bits is not None:
-        budget = min(top, math.floor(average_bits * sum(sizes) / unit + 1e-9))
-        if not np.isfinite(dp[: budget + 1]).any():
-            raise OptionError(f"quantize-mixed: no assignment fits average_bits={average_bits}")
-        c = int(np.argmin(dp[: budget + 1]))
-    else:
-        feasible = np.flatnonzero(dp <= max_error)
-        c = int(feasible[0]) if feasible.size else int(np.argmin(dp))
-    pick = []
-    for layer in range(len(sizes) - 1, -1, -1):
-        k = int(keep[layer][c])
-        pick.append(k)
-        c -= costs[layer][k]
-    return pick[::-1]
+        try:
+            return list(shared.allocate(layers, average_bits * sum(sizes), steps=steps).picks)
+        except shared.BudgetError as e:
+            raise OptionError(
+                f"quantize-mixed: no assignment fits average_bits={average_bits}",
+                hint=f"use average_bits >= {e.least / sum(sizes):.3g} or add a smaller choice",
+            ) from None
+    try:
+        return list(shared.allocate(layers, max_error=max_error, steps=steps).picks)
+    except shared.BudgetError as e:  # unreachable: the most accurate model, as before
+        return list(shared.allocate(layers, max_error=e.least, steps=steps).picks)
