@@ -1,9 +1,10 @@
-"""Per-op emitters of the numba backend: each turns one IR node into a kernel call line.
+"""The numba backend's float emitters: each turns one IR node into a kernel call line.
 
 Kernels take canonical views (1-D for unary ops, 4-D for broadcasting and layout ops, 3-D
 ``(outer, axis, inner)`` for ops along one axis), so each kernel compiles once per dtype. A shape
 pattern the kernels do not cover (more than 4 axes left after merging) falls back to a numpy call
-on that line.
+on that line. These are the general entries of :data:`~backends.numba.core.EMITTERS`; the
+quantized (``quant.py``) and shared-weight (``codebook.py``) patterns add entries of their own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backends.numba.backend import Codegen, emitter
+from backends.numba.core import Codegen, emitter
 from compiler.errors import BackendError
 from compiler.ir.graph import Node, Value
 
@@ -47,7 +48,7 @@ def act_args(name: str | None, attrs: dict | None) -> tuple[str, float, float]:
     if name not in ACT_CODES:
         raise BackendError(
             f"activation '{name}' has no numba kernel",
-            hint="add a code to backends/numba_kernels.act_inplace",
+            hint="add a code to act_inplace in backends/numba/kernels/common.py",
         )
     return ACT_CODES[name], 0.0, 0.0
 
@@ -198,28 +199,24 @@ def unfused_epilogue(gen: Codegen, node: Node, emit_core: Callable) -> None:
 
 @emitter("conv2d")
 def _conv2d(gen: Codegen, node: Node) -> None:
+    packed = None
+    if uses_f32_conv(node):
+        from backends.numba.kernels.f32 import pack_weight
+
+        w = node.inputs[1]
+        packed = gen.weight(pack_weight(w.data, node.attrs["groups"]), f"{w.name}_packed")
+    emit_conv2d(gen, node, packed)
+
+
+def emit_conv2d(gen: Codegen, node: Node, packed: str | None) -> None:
+    """A conv2d's kernel call (and its unfused epilogue, if any): ``packed`` is the expression of
+    the weight packed for the micro-kernel (at compile time here, at load by the shared-weight
+    entry in codebook.py), None for the kernels that read the weight as it is."""
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     a = node.attrs
     (sh, sw), (ph, pw), (dh, dw), groups = a["stride"], a["padding"], a["dilation"], a["groups"]
     o, _, kh, kw = w.shape
     depthwise = is_depthwise(node)
-    packed = None
-    if uses_f32_conv(node):
-        from backends.numba.kernels.f32 import pack_weight
-
-        packed = gen.weight(pack_weight(w.data, groups), f"{w.name}_packed")
-    elif _shared_f32_conv(node):
-        # a shared weight decoded at load: packed once, on the first call (compile-time packing
-        # would store the dense weight in weights.npz); a decoded weight only this conv reads is
-        # then dropped, so resident memory holds the packed copy alone (its codebook_lookup skips
-        # a decoded entry that is present, even as None)
-        packed = f'w["_packed.{w.name}"]'
-        decoded = gen.arg(w)
-        only_reader = len(w.uses) == 1 and not any(v is w for v in gen.graph.outputs)
-        drop = f"; {decoded} = None" if only_reader and decoded.startswith('w["_decoded.') else ""
-        gen.emit(f'if "_packed.{w.name}" not in w: '
-                 f"{packed} = KC.pack_weight({decoded}, {groups}){drop}")
-
     b = node.inputs[2] if len(node.inputs) > 2 else None
     planned = packed is not None and (b is None or b.is_constant)
 
@@ -232,8 +229,19 @@ def _conv2d(gen: Codegen, node: Node) -> None:
         if depthwise:
             gen.call("KC.conv2d_depthwise", xa, gen.arg(w), bias, res, out, *geom, *act, "nt")
         elif planned:
-            gen.call("KC.conv2d_planned", xa, *conv_plan(gen, node, packed, bias), res, out,
-                     kh, kw, *geom, groups, *act, "nt")
+            gen.call(
+                "KC.conv2d_planned",
+                xa,
+                *conv_plan(gen, node, packed, bias),
+                res,
+                out,
+                kh,
+                kw,
+                *geom,
+                groups,
+                *act,
+                "nt",
+            )
         elif packed is not None:
             args = (xa, packed, bias, res, out, kh, kw, *geom, groups, *act, "nt")
             gen.call("KC.conv2d_packed", *args)
@@ -257,15 +265,19 @@ def conv_plan(gen: Codegen, node: Node, packed: str, bias: str) -> tuple[str, ..
     x, w = node.inputs[0], node.inputs[1]
     a = node.attrs
     o, _, kh, kw = w.shape
-    base_args, offs_args, padded = conv_geometry(x.shape, o, kh, kw, a["stride"], a["padding"],
-                                                 a["dilation"], a["groups"])
+    base_args, offs_args, padded = conv_geometry(
+        x.shape, o, kh, kw, a["stride"], a["padding"], a["dilation"], a["groups"]
+    )
     xp = gen.temp((padded,), "float32") if padded else gen.none(1, "float32")
     bases = "x".join(map(str, base_args))
     offs = "x".join(map(str, offs_args))
-    return (xp, packed,
-            gen.derived(f"_bias16.{node.name}", f"KC.pack_bias({bias}, {o}, {a['groups']})"),
-            gen.derived(f"_bases.{bases}", f"KC.pixel_bases{base_args}"),
-            gen.derived(f"_offs.{offs}", f"KC.tap_offsets{offs_args}"))
+    return (
+        xp,
+        packed,
+        gen.derived(f"_bias16.{node.name}", f"KC.pack_bias({bias}, {o}, {a['groups']})"),
+        gen.derived(f"_bases.{bases}", f"KC.pixel_bases{base_args}"),
+        gen.derived(f"_offs.{offs}", f"KC.tap_offsets{offs_args}"),
+    )
 
 
 def uses_f32_conv(node: Node) -> bool:
@@ -285,20 +297,6 @@ def uses_f32_conv(node: Node) -> bool:
     return w.is_constant and f32 and not is_depthwise(node)
 
 
-def _shared_f32_conv(node: Node) -> bool:
-    """A float32 conv (depthwise excepted) whose weight is a codebook_lookup of constants that the
-    codebook emitter decodes once at load (backends/numba/codebook.py): it takes the micro-kernel
-    too, with the weight packed at load."""
-
-    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-    p = w.producer
-    return (
-        p is not None and p.op == "codebook_lookup" and all(v.is_constant for v in p.inputs)
-        and numba_codebook.CODEBOOK_DECODE == "load"
-        and x.dtype == w.dtype == y.dtype == "float32" and not is_depthwise(node)
-    )
-
-
 def is_depthwise(node: Node) -> bool:
     """A conv2d with one input channel per group, a group per input channel."""
     groups, channels, cg = node.attrs["groups"], node.inputs[0].shape[1], node.inputs[1].shape[1]
@@ -313,8 +311,11 @@ def _linear(gen: Codegen, node: Node) -> None:
     # a constant float32 weight (and bias) is packed at compile time for the conv's micro-kernel
     # (KC.linear_packed); any other runs KC.linear, which packs a float32 weight per call
     packed = None
-    if w.is_constant and x.dtype == w.dtype == y.dtype == "float32" and (
-            b is None or b.is_constant):
+    if (
+        w.is_constant
+        and x.dtype == w.dtype == y.dtype == "float32"
+        and (b is None or b.is_constant)
+    ):
         from backends.numba.kernels.f32 import pack_weight
 
         packed = gen.weight(pack_weight(w.data.reshape(o, k, 1, 1), 1), f"{w.name}_packed")
@@ -710,7 +711,3 @@ def _take(gen: Codegen, node: Node) -> None:
     gen.call(
         "K.take", gen.arg(x, (outer, d, inner)), indices, gen.out(y, (outer, idx.numel, inner))
     )
-
-
-# the op families with emitters of their own (codebook_lookup; quantize/dequantize)
-from backends.numba import codebook as numba_codebook  # noqa: E402,F401

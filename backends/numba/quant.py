@@ -6,13 +6,17 @@ linear, a direct kernel for depthwise and grouped convs), with a following per-t
 quantize fused as requantization. Everything else runs in float: a dequantize of constants is
 evaluated once at compile time, activation quantize/dequantize lines call numpy with the
 reference's float32 arithmetic (bit-exact with it).
+
+Each of these is an entry of :data:`~backends.numba.core.EMITTERS` chosen by pattern: the integer
+conv2d/linear/add, and the nodes those kernels absorb (the input dequantizes, the requantize, a
+relu between add and requantize), which emit nothing.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from backends.numba.backend import EMITTERS, Codegen, emitter
+from backends.numba.core import Codegen, emitter
 from compiler.ir.graph import Node, Value
 from compiler.ops.quant import expand_param, quant_range
 from compiler.ops.table import get_op
@@ -44,38 +48,69 @@ def _params(gen: Codegen, node: Node, dtype: str) -> tuple[str, str | None]:
     return s_expr, z_expr
 
 
+def requantized_in_kernel(node: Node) -> bool:
+    """A quantize that an integer kernel applies to its result: the epilogue of an integer
+    conv2d/linear, or the integer add (after its relu, if any)."""
+    p = node.inputs[0].producer
+    if p is not None and integer_layer(p) and fused_quantize(node.graph, p) is node:
+        return True
+    if p is not None and p.op == "relu" and p.inputs[0].producer is not None:
+        p = p.inputs[0].producer
+    return p is not None and (integer_add(node.graph, p) or (None, None))[1] is node
+
+
+@emitter("quantize_linear", when=requantized_in_kernel, priority=1)
+def _requantized(gen: Codegen, node: Node) -> None:
+    """Nothing: the integer kernel writes the uint8 result itself."""
+
+
 @emitter("quantize_linear")
 def _quantize(gen: Codegen, node: Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    p = x.producer
-    if p is not None and integer_layer(p) and fused_quantize(gen.graph, p) is node:
-        return  # requantized in the integer kernel's epilogue
-    if p is not None and p.op == "relu" and p.inputs[0].producer is not None:
-        p = p.inputs[0].producer
-    if p is not None and (integer_add(gen.graph, p) or (None, None))[1] is node:
-        return  # requantized in the integer add
     s, z = _params(gen, node, x.dtype)
     lo, hi = quant_range(y.dtype, node.attrs["bits"])
     q = f"np.rint({gen.arg(x)} / {s})" + (f" + {z}" if z else "")
     gen.emit(f"np.copyto({gen.out(y)}, np.clip({q}, {lo}, {hi}), casting='unsafe')")
 
 
+def static_dequantize(node: Node) -> bool:
+    """A dequantize whose inputs are all known at compile time."""
+    return all(v is None or static_array(v) is not None for v in node.inputs)
+
+
+def read_by_integer_kernels(node: Node) -> bool:
+    """A dequantize read only by integer kernels, which read its int8 weight (as a conv/linear's
+    weight or bias) or its uint8 tensor (as their input) themselves."""
+    y = node.outputs[0]
+    constant = static_dequantize(node)
+    return (
+        bool(y.uses)
+        and not any(v is y for v in node.graph.outputs)
+        and all(
+            (integer_layer(n) and (i in (1, 2) if constant else i == 0))
+            or (not constant and integer_add(node.graph, n) is not None)
+            for n, i in y.uses
+        )
+    )
+
+
+@emitter("dequantize_linear", when=read_by_integer_kernels, priority=2)
+def _read_by_kernels(gen: Codegen, node: Node) -> None:
+    """Nothing: the integer kernels read the quantized values themselves."""
+
+
+@emitter("dequantize_linear", when=static_dequantize, priority=1)
+def _dequantize_now(gen: Codegen, node: Node) -> None:
+    """Evaluated once at compile time: the float weight becomes a constant."""
+    y = node.outputs[0]
+    arrays = [static_array(v) for v in node.inputs]
+    (value,) = get_op(node.op).run(arrays, node.attrs)
+    gen.exprs[id(y)] = gen.weight(value, y.name)
+
+
 @emitter("dequantize_linear")
 def _dequantize(gen: Codegen, node: Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    constant = all(v is None or static_array(v) is not None for v in node.inputs)
-    readers = y.uses
-    if readers and not any(v is y for v in gen.graph.outputs) and all(
-        (integer_layer(n) and (i in (1, 2) if constant else i == 0))
-        or (not constant and integer_add(gen.graph, n) is not None)
-        for n, i in readers
-    ):
-        return  # the integer kernels read the int8 weight / uint8 tensor itself
-    if constant:
-        arrays = [static_array(v) for v in node.inputs]
-        (value,) = get_op(node.op).run(arrays, node.attrs)
-        gen.exprs[id(y)] = gen.weight(value, y.name)
-        return
     s, z = _params(gen, node, "int32")
     q = f"{gen.arg(x)}.astype(np.int32)" + (f" - {z}" if z else "")
     gen.emit(f"np.multiply(({q}).astype({s}.dtype), {s}, out={gen.out(y)})")
@@ -160,8 +195,7 @@ def fused_quantize(graph, node: Node) -> Node | None:
     if q.op != "quantize_linear" or q.attrs["bits"] != 8 or q.outputs[0].dtype != "uint8":
         return None
     s, z = q.inputs[1], q.inputs[2] if len(q.inputs) > 2 else None
-    if not s.is_constant or s.numel != 1 or (z is not None and (not z.is_constant
-                                                                or z.numel != 1)):
+    if not s.is_constant or s.numel != 1 or (z is not None and (not z.is_constant or z.numel != 1)):
         return None
     return q
 
@@ -185,7 +219,9 @@ def _f32(value: float) -> str:
     return f"np.float32({float(np.float32(value))!r})"
 
 
-def _emit_integer(gen: Codegen, node: Node) -> None:
+# above the conv2d of a shared float weight (codebook.py, priority 1) and the float emitters
+@emitter("conv2d", "linear", when=integer_layer, priority=2)
+def _integer_layer(gen: Codegen, node: Node) -> None:
     from backends.numba.kernels.int8 import pack_grouped_weight, pack_weight
 
     xq, sx, zx = _uint8_input(node.inputs[0])
@@ -197,8 +233,13 @@ def _emit_integer(gen: Codegen, node: Node) -> None:
     groups = node.attrs["groups"] if node.op == "conv2d" else 1
     if groups == 1:
         packed, wsum, k4, o16 = pack_weight(wq)
-        consts = [gen.weight(packed, f"{name}.packed"), gen.weight(wsum, f"{name}.wsum"), k4,
-                  o16, wq.shape[0]]
+        consts = [
+            gen.weight(packed, f"{name}.packed"),
+            gen.weight(wsum, f"{name}.wsum"),
+            k4,
+            o16,
+            wq.shape[0],
+        ]
     else:
         taps, wsum = pack_grouped_weight(wq)
         consts = [gen.weight(taps, f"{name}.taps"), gen.weight(wsum, f"{name}.wsum"), groups]
@@ -217,8 +258,19 @@ def _emit_integer(gen: Codegen, node: Node) -> None:
         sy, zy = 1.0, 0.0
         outs = [gen.out(y), gen.none(rank, "uint8")]
     res = gen.none(rank, "float32") if r is None else gen.arg(r)
-    tail = [scale, gen.weight(bias, f"{name}.bias"), res, ACT[act], lo, hi, _f32(sy),
-            _f32(zy), q is not None, *outs, "nt"]
+    tail = [
+        scale,
+        gen.weight(bias, f"{name}.bias"),
+        res,
+        ACT[act],
+        lo,
+        hi,
+        _f32(sy),
+        _f32(zy),
+        q is not None,
+        *outs,
+        "nt",
+    ]
     if node.op == "conv2d":
         a = node.attrs
         kh, kw = wq.shape[2:]
@@ -229,43 +281,38 @@ def _emit_integer(gen: Codegen, node: Node) -> None:
         gen.call("KQ.linear_u8s8", gen.arg(xq), zx, *consts, *tail)
 
 
-def _add_emitter(float_emitter):
-    def emit(gen: Codegen, node: Node) -> None:
-        match = integer_add(gen.graph, node)
-        if match is None:
-            float_emitter(gen, node)
-            return
-        relu, q = match
-        (a, sa, za), (b, sb, zb) = (_uint8_input(v) for v in node.inputs)
-        out = q.outputs[0]
-        sy, zy = float(q.inputs[1].data), float(q.inputs[2].data) if len(q.inputs) > 2 else 0.0
-        gen.call("KQ.add_u8", gen.arg(a, (a.numel,)), za, _f32(sa), gen.arg(b, (b.numel,)), zb,
-                 _f32(sb), relu is not None, _f32(sy), _f32(zy), gen.out(out, (out.numel,)))
-
-    return emit
+def is_integer_add(node: Node) -> bool:
+    """An add that runs as one KQ.add_u8 (see :func:`integer_add`)."""
+    return integer_add(node.graph, node) is not None
 
 
-def _relu_emitter(float_emitter):
-    def emit(gen: Codegen, node: Node) -> None:
-        p = node.inputs[0].producer
-        if p is not None and (integer_add(gen.graph, p) or (None,))[0] is node:
-            return  # applied inside the integer add
-        float_emitter(gen, node)
+@emitter("add", when=is_integer_add, priority=1)
+def _integer_add(gen: Codegen, node: Node) -> None:
+    relu, q = integer_add(gen.graph, node)
+    (a, sa, za), (b, sb, zb) = (_uint8_input(v) for v in node.inputs)
+    out = q.outputs[0]
+    sy, zy = float(q.inputs[1].data), float(q.inputs[2].data) if len(q.inputs) > 2 else 0.0
+    gen.call(
+        "KQ.add_u8",
+        gen.arg(a, (a.numel,)),
+        za,
+        _f32(sa),
+        gen.arg(b, (b.numel,)),
+        zb,
+        _f32(sb),
+        relu is not None,
+        _f32(sy),
+        _f32(zy),
+        gen.out(out, (out.numel,)),
+    )
 
-    return emit
+
+def relu_in_integer_add(node: Node) -> bool:
+    """The relu between an integer add and its requantize, which KQ.add_u8 applies."""
+    p = node.inputs[0].producer
+    return p is not None and (integer_add(node.graph, p) or (None,))[0] is node
 
 
-def _layer_emitter(float_emitter):
-    def emit(gen: Codegen, node: Node) -> None:
-        if integer_layer(node):
-            _emit_integer(gen, node)
-        else:
-            float_emitter(gen, node)
-
-    return emit
-
-
-for _op in ("conv2d", "linear"):
-    EMITTERS[_op] = _layer_emitter(EMITTERS[_op])
-EMITTERS["add"] = _add_emitter(EMITTERS["add"])
-EMITTERS["relu"] = _relu_emitter(EMITTERS["relu"])
+@emitter("relu", when=relu_in_integer_add, priority=1)
+def _relu_in_add(gen: Codegen, node: Node) -> None:
+    """Nothing: applied inside the integer add."""

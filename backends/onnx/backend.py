@@ -4,8 +4,10 @@
     (y,) = model.run(x)                  # onnxruntime, CPU, all graph optimizations
     model.save("model.onnx")             # atomic; external data only past protobuf's 2 GB
 
-The per-op emitters live in :mod:`backends.onnx.emitters`; this module walks the graph, names the
-values, checks the result and runs it.
+The per-op emitters are entries of :data:`EMITTERS` (``backends/onnx/core.py``), registered by
+:mod:`backends.onnx.emitters` (float ops), :mod:`backends.onnx.quant` and
+:mod:`backends.onnx.codebook`, which this module imports; it walks the graph, looks each node's
+emitter up, names the values, checks the result and runs it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+# importing the emitter modules registers their entries in EMITTERS (this entry module is what
+# imports them all, so the table is complete wherever emit_onnx can be called)
 from backends.onnx.codebook import attach_functions
-from backends.onnx.emitters import ACTIVATIONS, EMITTERS, OnnxBuilder
+from backends.onnx.core import EMITTERS, OnnxBuilder
+from backends.onnx.emitters import ACTIVATIONS
 from backends.onnx.quant import INT4_OPSET, needs_int4, pack_int4
 from compiler.errors import BackendError, OptionError, SlimgraphError
 from compiler.ir.graph import Graph, Node, Value
@@ -107,19 +112,9 @@ def _tensor(value: Value | None, tensors: dict[int, gs.Tensor]) -> gs.Tensor | N
 
 
 def _emit_node(builder: OnnxBuilder, node: Node, tensors: dict[int, gs.Tensor]) -> None:
-    emit = EMITTERS.get(node.op)
-    if emit is None:
-        raise BackendError(
-            f"the ONNX backend has no emitter for op '{node.op}'",
-            node=node.name,
-            op=node.op,
-            source=node.source,
-            hint=f"add EMITTERS['{node.op}'] = fn in backends/onnx/emitters.py, where "
-            "fn(builder, node, *inputs) adds ONNX nodes with builder.op(...) and returns the "
-            "output tensor(s); see the existing entries",
-        )
     builder.prefix, builder.made = node.name, set()
     try:
+        emit = EMITTERS.lookup(node)  # a BackendError saying how to register one when none fits
         result = emit(builder, node, *[_tensor(v, tensors) for v in node.inputs])
     except SlimgraphError:
         raise

@@ -18,8 +18,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-if TYPE_CHECKING:  # onnx_emitters imports this module to register the emitter
-    from backends.onnx.emitters import OnnxBuilder, Tensor
+from backends.onnx.core import OnnxBuilder, Tensor, emitter
+
+if TYPE_CHECKING:
     from compiler.ir.graph import Node
 
 DOMAIN = "slimgraph"  # the model-local functions' domain (declared in the model's opset imports)
@@ -67,7 +68,7 @@ def _unpack_nodes(bits: int) -> list[onnx.NodeProto]:
     first_bit = np.arange(8) * bits
     low, shift = first_bit >> 3, first_bit & 7
     join = np.zeros((bits, 8), np.float32)
-    join[low, np.arange(8)] = 2.0 ** -shift
+    join[low, np.arange(8)] = 2.0**-shift
     high = low + 1
     inside = high < bits  # the last index of a group may end in its last byte
     join[high[inside], np.arange(8)[inside]] = 2.0 ** (8 - shift[inside])
@@ -99,12 +100,17 @@ def decode_function(bits: int, opset: int) -> onnx.FunctionProto:
         helper.make_node("Reshape", ["values", "shape"], ["weight"]),
     ]
     return helper.make_function(
-        DOMAIN, f"CodebookDecode{bits}", ["packed", "codebook", "count", "shape"], ["weight"],
-        nodes, [helper.make_opsetid("", opset)],
+        DOMAIN,
+        f"CodebookDecode{bits}",
+        ["packed", "codebook", "count", "shape"],
+        ["weight"],
+        nodes,
+        [helper.make_opsetid("", opset)],
         doc_string=f"slimgraph shared weight, {bits}-bit packed indices into per-group codebooks",
     )
 
 
+@emitter("codebook_lookup")
 def emit_codebook_lookup(b: OnnxBuilder, node: Node, codebook: Tensor, indices: Tensor) -> Tensor:
     """One call of the bit width's decode function (added to ``b.memo['functions']``, which
     emit_onnx attaches to the model)."""
@@ -116,11 +122,14 @@ def emit_codebook_lookup(b: OnnxBuilder, node: Node, codebook: Tensor, indices: 
         functions[name] = decode_function(bits, b.opset)
     b.prefix = ""
     out = gs.Variable(b.fresh("cb"), dtype=codebook.dtype)
-    inputs = [indices, codebook, shared_const(b, np.array([count], np.int64), "n"),
-              shared_const(b, np.array(shape, np.int64), "s")]
+    inputs = [
+        indices,
+        codebook,
+        shared_const(b, np.array([count], np.int64), "n"),
+        shared_const(b, np.array(shape, np.int64), "s"),
+    ]
     b.made.add(id(out))
-    b.graph.nodes.append(gs.Node(name, b.fresh("cb"), inputs=inputs, outputs=[out],
-                                 domain=DOMAIN))
+    b.graph.nodes.append(gs.Node(name, b.fresh("cb"), inputs=inputs, outputs=[out], domain=DOMAIN))
     return out
 
 

@@ -1,10 +1,9 @@
-"""ONNX emitters: one small function per IR op, each adding the ONNX nodes that compute it.
+"""ONNX float emitters: one small function per IR op, each adding the ONNX nodes that compute it.
 
-An emitter is ``emit(b, node, *inputs) -> tensor | [tensors]``: ``b`` is the
-:class:`OnnxBuilder`, ``node`` the IR node (for its attributes and the static shapes and dtypes of
-its values) and ``inputs`` the onnx-graphsurgeon tensors of its inputs (``None`` for an omitted
-optional input), in the order of the op's reference implementation. Adding an op to the backend
-is one entry in :data:`EMITTERS`.
+Each is an entry of :data:`~backends.onnx.core.EMITTERS` (``emit(b, node, *inputs)``, see
+backends/onnx/core.py); the quantization ops (``quant.py``) and shared weights (``codebook.py``)
+register entries of their own. Adding an op to the backend is one entry: an ``@emitter("op")``
+function, or a line in the mapping at the end of this module.
 
 The activations also have a tensor-level form in :data:`ACTIVATIONS` so conv2d and linear emit their
 fused epilogue (``act(conv(x, w) + b + residual)``) with the same code as the standalone op.
@@ -18,103 +17,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
+from backends.onnx.core import EMITTERS, Emitter, OnnxBuilder, Tensor
 from compiler.errors import BackendError
 from compiler.ir.graph import Node
 from compiler.ops.nn import adaptive_bins
 from compiler.ops.table import get_op, result_dtype
 
-Tensor = gs.Tensor
 INT64_MAX = np.iinfo(np.int64).max
 
-
-class OnnxBuilder:
-    """What an emitter sees: the graph being built and helpers that add ONNX nodes and constants.
-
-    Every tensor it makes carries a numpy dtype, so emitters can insert casts where numpy would
-    promote and ONNX would refuse mixed types.
-    """
-
-    def __init__(self, graph: gs.Graph, opset: int, taken: set[str]) -> None:
-        self.graph = graph
-        self.opset = opset
-        self.prefix = ""  # name of the IR node being emitted; intermediate names start with it
-        self.made: set[int] = set()  # ids of the tensors made for the current node
-        self.memo: dict[Any, Any] = {}  # constants emitters derive once per model (see users)
-        self._taken = taken
-
-    def fresh(self, hint: str) -> str:
-        """A tensor or node name not used anywhere in the model."""
-        base = f"{self.prefix}/{hint}" if self.prefix else hint
-        name, k = base, 0
-        while name in self._taken:
-            k += 1
-            name = f"{base}_{k}"
-        self._taken.add(name)
-        return name
-
-    def op(
-        self,
-        op_type: str,
-        *inputs: Tensor | np.ndarray | None,
-        dtype: Any = None,
-        outputs: int = 1,
-        **attrs: Any,
-    ) -> Any:
-        """Add one ONNX node; returns its output (or a list when ``outputs > 1``).
-
-        ``None`` inputs are omitted optional inputs, numpy arrays become constants and the outputs
-        have ``dtype`` (by default that of the first input).
-        """
-        args = list(inputs)
-        while args and args[-1] is None:
-            args.pop()
-        args = [
-            gs.Variable.empty() if a is None else self.const(a) if isinstance(a, np.ndarray) else a
-            for a in args
-        ]
-        if dtype is None:
-            dtype = next(a.dtype for a in args if a.name)
-        hint = op_type.lower()
-        outs = [gs.Variable(self.fresh(hint), dtype=np.dtype(dtype)) for _ in range(outputs)]
-        self.made.update(id(t) for t in outs)
-        self.graph.nodes.append(
-            gs.Node(op_type, self.fresh(op_type), attrs=attrs, inputs=args, outputs=outs)
-        )
-        return outs[0] if outputs == 1 else outs
-
-    def const(self, array: Any, hint: str = "const") -> gs.Constant:
-        return gs.Constant(self.fresh(hint), np.ascontiguousarray(array))
-
-    def ints(self, values: Sequence[int]) -> gs.Constant:
-        """A 1-D int64 constant (shapes, axes, pads, starts...)."""
-        return self.const(np.array([int(v) for v in values], dtype=np.int64), "ints")
-
-    def scalar(self, value: Any, dtype: Any) -> gs.Constant:
-        return self.const(np.array(value, dtype=dtype), "scalar")
-
-    def cast(self, t: Tensor, dtype: Any) -> Tensor:
-        """``t`` as ``dtype``: constants are converted now, variables by a Cast node."""
-        dtype = np.dtype(dtype)
-        if t.dtype == dtype:
-            return t
-        if isinstance(t, gs.Constant):
-            return self.const(t.values.astype(dtype), "cast")
-        return self.op("Cast", t, dtype=dtype, to=onnx.helper.np_dtype_to_tensor_dtype(dtype))
-
-    def transpose(self, t: Tensor, perm: Sequence[int]) -> Tensor:
-        if isinstance(t, gs.Constant):
-            return self.const(np.transpose(t.values, perm), "transposed")
-        return self.op("Transpose", t, perm=list(perm))
-
-    def reshape(self, t: Tensor, shape: Sequence[int]) -> Tensor:
-        if isinstance(t, gs.Constant):
-            return self.const(t.values.reshape(shape), "reshaped")
-        return self.op("Reshape", t, self.ints(shape))
-
-
-Emitter = Callable[..., Any]
 Activation = Callable[[OnnxBuilder, Tensor, dict], Tensor]
 
 
@@ -171,7 +82,8 @@ def apply_activation(b: OnnxBuilder, node: Node, y: Tensor) -> Tensor:
             f"fused activation '{name}' has no ONNX emitter",
             node=node.name,
             op=node.op,
-            hint=f"use one of {sorted(ACTIVATIONS)} or add it to onnx_emitters.ACTIVATIONS",
+            hint=f"use one of {sorted(ACTIVATIONS)} or add it to ACTIVATIONS in "
+            "backends/onnx/emitters.py",
         )
     attrs = get_op(name).complete_attrs(node.attrs.get("activation_attrs") or {}, name)
     return ACTIVATIONS[name](b, y, attrs)
@@ -230,8 +142,12 @@ def emit_conv2d(b: OnnxBuilder, node: Node, x, w, bias=None, residual=None) -> T
     (ph, pw) = a["padding"]
     # attributes at their ONNX defaults are left out (kernel_shape is read from the weight): each
     # costs ~20 bytes of file per conv, a few percent of a compressed model's file
-    attrs = {"strides": list(a["stride"]), "pads": [ph, pw, ph, pw],
-             "dilations": list(a["dilation"]), "group": int(a["groups"])}
+    attrs = {
+        "strides": list(a["stride"]),
+        "pads": [ph, pw, ph, pw],
+        "dilations": list(a["dilation"]),
+        "group": int(a["groups"]),
+    }
     defaults = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1}
     attrs = {k: v for k, v in attrs.items() if v != defaults[k]}
     y = b.op("Conv", x, b.cast(w, dtype), None if bias is None else b.cast(bias, dtype), **attrs)
@@ -519,9 +435,9 @@ def _with_ints(op_type: str, attr: str) -> Emitter:
     return lambda b, node, x: b.op(op_type, x, b.ints(node.attrs[attr]))
 
 
-# -- the table -----------------------------------------------------------------------------------
+# -- the entries: the emitters above and those the factories make ----------------------------------
 
-EMITTERS: dict[str, Emitter] = {
+for _op, _fn in {
     **{name: _activation_op(fn) for name, fn in ACTIVATIONS.items()},
     "neg": _unary("Neg"),
     "exp": _unary("Exp"),
@@ -570,9 +486,6 @@ EMITTERS: dict[str, Emitter] = {
     "sum": _reduce("ReduceSum"),
     "norm": emit_norm,
     "einsum": emit_einsum,
-}
-from backends.onnx.codebook import emit_codebook_lookup  # noqa: E402  (shared weights)
-from backends.onnx.quant import QUANT_EMITTERS  # noqa: E402  (quantize/dequantize)
-
-EMITTERS["codebook_lookup"] = emit_codebook_lookup
-EMITTERS.update(QUANT_EMITTERS)
+}.items():
+    EMITTERS.add(_op, _fn)
+del _op, _fn

@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from backends.onnx.core import OnnxBuilder, Tensor, emitter
 from compiler.ops.quant import quant_range
 
-if TYPE_CHECKING:  # onnx_emitters imports this module to register the emitters
-    from backends.onnx.emitters import OnnxBuilder, Tensor
+if TYPE_CHECKING:
     from compiler.ir.graph import Node
 
 
@@ -41,6 +41,7 @@ def _scalar(b: OnnxBuilder, t: Tensor | None, value) -> Tensor | None:
     return b.memo[key]
 
 
+@emitter("quantize_linear")
 def emit_quantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) -> Tensor:
     scale, zero_point = _scalars(b, node, scale, zero_point)
     a = node.attrs
@@ -56,8 +57,9 @@ def emit_quantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) 
         q = b.op("Clip", q, b.scalar(lo, s.dtype), b.scalar(hi, s.dtype))
         return b.op("Cast", q, dtype=dtype, to=onnx.helper.np_dtype_to_tensor_dtype(dtype))
     extra = {"block_size": block} if block else {}
-    q = b.op("QuantizeLinear", b.cast(x, scale.dtype), scale, zero_point, dtype=dtype,
-             axis=axis, **extra)
+    q = b.op(
+        "QuantizeLinear", b.cast(x, scale.dtype), scale, zero_point, dtype=dtype, axis=axis, **extra
+    )
     if a["bits"] < 8:
         q = b.op("Clip", q, b.scalar(lo, dtype), b.scalar(hi, dtype))
     return q
@@ -68,10 +70,14 @@ def _scalars(b: OnnxBuilder, node: Node, scale, zero_point):
     return _scalar(b, scale, node.inputs[1]), _scalar(b, zero_point, zp)
 
 
+@emitter("dequantize_linear")
 def emit_dequantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None) -> Tensor:
     scale, zero_point = _scalars(b, node, scale, zero_point)
-    if (isinstance(zero_point, gs.Constant) and node.inputs[0].dtype in ("int8", "int32")
-            and not np.any(zero_point.values)):
+    if (
+        isinstance(zero_point, gs.Constant)
+        and node.inputs[0].dtype in ("int8", "int32")
+        and not np.any(zero_point.values)
+    ):
         zero_point = None  # symmetric int8 weights, int32 biases: 0 is the default, not stored
     if node.attrs["bits"] == 4 and isinstance(zero_point, gs.Constant) and b.opset >= INT4_OPSET:
         b.memo.setdefault("int4", set()).add(zero_point.name)  # the zero point has x's type
@@ -80,8 +86,7 @@ def emit_dequantize_linear(b: OnnxBuilder, node: Node, x, scale, zero_point=None
         b.memo.setdefault("int4", set()).add(x.name)  # packed two per byte by pack_int4()
     if not block or b.opset >= 21:
         extra = {"block_size": block} if block else {}
-        return b.op("DequantizeLinear", x, scale, zero_point, dtype=scale.dtype, axis=axis,
-                    **extra)
+        return b.op("DequantizeLinear", x, scale, zero_point, dtype=scale.dtype, axis=axis, **extra)
     shape = node.inputs[0].shape
     split = (*shape[:axis], shape[axis] // block, block, *shape[axis + 1 :])
     params = (*shape[:axis], shape[axis] // block, 1, *shape[axis + 1 :])
@@ -97,8 +102,9 @@ INT4_OPSET = 21  # INT4 / UINT4 tensors and DequantizeLinear of them arrived in 
 
 def needs_int4(graph) -> bool:
     """Whether ``graph`` has a 4-bit dequantize of a constant (worth opset 21: packed INT4)."""
-    return any(n.attrs["bits"] == 4 and n.inputs[0].is_constant
-               for n in graph.find("dequantize_linear"))
+    return any(
+        n.attrs["bits"] == 4 and n.inputs[0].is_constant for n in graph.find("dequantize_linear")
+    )
 
 
 def pack_int4(model: onnx.ModelProto, names: set[str]) -> None:
@@ -118,12 +124,6 @@ def pack_int4(model: onnx.ModelProto, names: set[str]) -> None:
         tensor.raw_data = packed.tobytes()
 
 
-QUANT_EMITTERS = {
-    "quantize_linear": emit_quantize_linear,
-    "dequantize_linear": emit_dequantize_linear,
-}
-
-
 def is_integer_kernel(op_type: str) -> bool:
     """Whether an ONNX Runtime kernel type computes in integers: QLinearConv, QLinearAdd and the
     other QLinear* kernels, QGemm, and the *Integer* ones (ConvInteger, MatMulInteger,
@@ -131,8 +131,9 @@ def is_integer_kernel(op_type: str) -> bool:
     return op_type.startswith("QLinear") or op_type == "QGemm" or "Integer" in op_type
 
 
-def kernel_profile(model: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 5,
-                   threads: int = 1) -> dict[str, float]:
+def kernel_profile(
+    model: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 5, threads: int = 1
+) -> dict[str, float]:
     """Microseconds per kernel type (``QLinearConv``, ``Conv``...) that ONNX Runtime spends in a
     run (the median of ``runs``), read from its profile: which kernels the optimized session
     really executes."""
@@ -150,8 +151,9 @@ def kernel_profile(model: onnx.ModelProto, inputs: list[np.ndarray], runs: int =
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
         feeds = {i.name: a for i, a in zip(session.get_inputs(), inputs, strict=True)}
         for _ in range(runs):
             session.run(None, feeds)

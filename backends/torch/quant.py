@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.torch.backend import emitter
+from backends.torch.core import emitter
 from compiler.ops.quant import param_shape, quant_range
 
 

@@ -43,8 +43,30 @@ from .pointwise import POINTWISE, PW_MIN_PIXELS, PW_TILE, _pointwise_tasks
 # a layer's columns in the table of addresses
 X, XP, PACKED, BIAS, BASES, OFFS, RES, OUT = range(8)
 # a layer's columns in the table of integers
-(N, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS, ACT, HAS_RES, NBLK, KK, KIND,
- NBIAS) = range(22)
+(
+    N,
+    C,
+    H,
+    W,
+    O,
+    OH,
+    OW,
+    KH,
+    KW,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    GROUPS,
+    ACT,
+    HAS_RES,
+    NBLK,
+    KK,
+    KIND,
+    NBIAS,
+) = range(22)
 NPROG = 22
 # layer kinds: a conv2d_planned (packed weights) or a conv2d_depthwise (OIHW taps)
 CONV, DEPTHWISE = 0, 1
@@ -96,8 +118,9 @@ def _atomic_rmw(op: str):
         sig = types.int64(array, types.intp, types.int64)
 
         def codegen(context, builder, signature, args):
-            return builder.atomic_rmw(op, _slot(context, builder, signature, args[:2]), args[2],
-                                      "acq_rel")
+            return builder.atomic_rmw(
+                op, _slot(context, builder, signature, args[:2]), args[2], "acq_rel"
+            )
 
         return sig, codegen
 
@@ -117,7 +140,8 @@ def _wait_for(typingctx, counts, i, value):
     def codegen(context, builder, signature, args):
         ptr = _slot(context, builder, signature, args[:2])
         pause = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+            builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
+        )
         head = builder.append_basic_block("wait.head")
         spin = builder.append_basic_block("wait.spin")
         done = builder.append_basic_block("wait.done")
@@ -149,8 +173,15 @@ def _layer_tasks(p, chunks):
     npix = p[OH] * p[OW]
     if p[KIND] == DEPTHWISE:
         return PLANES, min(chunks, p[N] * p[C])
-    pointwise = (p[KH] == 1 and p[KW] == 1 and p[PH] == 0 and p[PW] == 0 and p[GROUPS] == 1
-                 and p[SH] == 1 and p[SW] == 1)
+    pointwise = (
+        p[KH] == 1
+        and p[KW] == 1
+        and p[PH] == 0
+        and p[PW] == 0
+        and p[GROUPS] == 1
+        and p[SH] == 1
+        and p[SW] == 1
+    )
     if POINTWISE and pointwise and npix >= PW_MIN_PIXELS:
         return PIXELS, min(chunks, (npix + PW_TILE - 1) // PW_TILE)
     rows = best_rows(npix)
@@ -171,12 +202,19 @@ def _run_task(addr, p, lo, hi, alo, ahi, phase, t, ntasks, split):
     x = _f32(addr[X], (n, c, h, w))
     if split == PLANES:
         planes = n * c
-        _depthwise_tasks(x.reshape(-1), _f32(addr[PACKED], (o * p[KH] * p[KW],)),
-                         _f32(addr[BIAS], (p[NBIAS],)), _f32(addr[RES], (nres * o * npix,)),
-                         _f32(addr[OUT], (n * o * npix,)),
-                         (c, o, h, w, oh, ow, p[KH], p[KW], p[SH], p[SW], p[PH], p[PW], p[DH],
-                          p[DW]), p[ACT], alo, ahi, t * planes // ntasks,
-                         (t + 1) * planes // ntasks)
+        _depthwise_tasks(
+            x.reshape(-1),
+            _f32(addr[PACKED], (o * p[KH] * p[KW],)),
+            _f32(addr[BIAS], (p[NBIAS],)),
+            _f32(addr[RES], (nres * o * npix,)),
+            _f32(addr[OUT], (n * o * npix,)),
+            (c, o, h, w, oh, ow, p[KH], p[KW], p[SH], p[SW], p[PH], p[PW], p[DH], p[DW]),
+            p[ACT],
+            alo,
+            ahi,
+            t * planes // ntasks,
+            (t + 1) * planes // ntasks,
+        )
         return
     if phase == 0:  # the shared padded input of a layer split by channel blocks
         _pad_band(x, p[PH], p[PW], 0, hp, _f32(addr[XP], (n * c * hp * wp,)))
@@ -190,23 +228,74 @@ def _run_task(addr, p, lo, hi, alo, ahi, phase, t, ntasks, split):
         q0 = t * tiles // ntasks * PW_TILE
         q1 = min(npix, (t + 1) * tiles // ntasks * PW_TILE)
         if q1 > q0:
-            _pointwise_tasks(x.reshape(n, c, npix), packed, bias, res.reshape(nres, o, npix),
-                             out.reshape(n, o, npix), lo, hi, p[ACT], alo, ahi, q0, q1)
+            _pointwise_tasks(
+                x.reshape(n, c, npix),
+                packed,
+                bias,
+                res.reshape(nres, o, npix),
+                out.reshape(n, o, npix),
+                lo,
+                hi,
+                p[ACT],
+                alo,
+                ahi,
+                q0,
+                q1,
+            )
         return
     rows = best_rows(npix)
     if split == BANDS:
         q0, q1 = band(t, ntasks, npix, rows)
-        _conv_band(x, packed, bias, res, out, p[KH], p[KW], p[SH], p[SW], p[PH], p[PW], p[DH],
-                   p[DW], p[GROUPS], lo, hi, p[ACT], alo, ahi, rows, q0, q1)
+        _conv_band(
+            x,
+            packed,
+            bias,
+            res,
+            out,
+            p[KH],
+            p[KW],
+            p[SH],
+            p[SW],
+            p[PH],
+            p[PW],
+            p[DH],
+            p[DW],
+            p[GROUPS],
+            lo,
+            hi,
+            p[ACT],
+            alo,
+            ahi,
+            rows,
+            q0,
+            q1,
+        )
         return
     src = _f32(addr[XP], (n * c * hp * wp,)) if p[PH] > 0 or p[PW] > 0 else x.reshape(-1)
     bases = carray(_intp_at(addr[BASES]), (npix + 8,))
     offs = carray(_intp_at(addr[OFFS]), (p[KK],))
-    geom, total = task_geometry(n, p[GROUPS], p[NBLK] // p[GROUPS], c // p[GROUPS], hp * wp,
-                                npix, rows, ntasks)
-    _conv_tasks(src, bases, offs, packed, bias, res.reshape(nres, o, npix),
-                out.reshape(n, o, npix), geom, lo, hi, p[ACT], alo, ahi,
-                t * total // ntasks, (t + 1) * total // ntasks, 0, npix)
+    geom, total = task_geometry(
+        n, p[GROUPS], p[NBLK] // p[GROUPS], c // p[GROUPS], hp * wp, npix, rows, ntasks
+    )
+    _conv_tasks(
+        src,
+        bases,
+        offs,
+        packed,
+        bias,
+        res.reshape(nres, o, npix),
+        out.reshape(n, o, npix),
+        geom,
+        lo,
+        hi,
+        p[ACT],
+        alo,
+        ahi,
+        t * total // ntasks,
+        (t + 1) * total // ntasks,
+        0,
+        npix,
+    )
 
 
 @njit(cache=True)
@@ -268,11 +357,32 @@ def chain_table(layers) -> tuple:
             _, _, kh, kw = packed.shape
             groups, nblk, kk = x.shape[1], 0, 0
         else:
-            (x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups,
-             act, alo, ahi) = args
+            (
+                x,
+                xp,
+                packed,
+                bias,
+                bases,
+                offs,
+                res,
+                out,
+                kh,
+                kw,
+                sh,
+                sw,
+                ph,
+                pw,
+                dh,
+                dw,
+                groups,
+                act,
+                alo,
+                ahi,
+            ) = args
             nblk, kk = packed.shape[0], offs.shape[0]
-        arrays = [np.require(a, requirements="C") for a in (x, xp, packed, bias, bases, offs,
-                                                           res, out)]
+        arrays = [
+            np.require(a, requirements="C") for a in (x, xp, packed, bias, bases, offs, res, out)
+        ]
         for a, b in zip(arrays, (x, xp, packed, bias, bases, offs, res, out), strict=True):
             if a.size and not np.shares_memory(a, b):
                 raise ValueError("a chained conv's arrays must be C-contiguous")
@@ -282,8 +392,30 @@ def chain_table(layers) -> tuple:
         addr[i] = [a.ctypes.data for a in arrays]
         n, c, h, w = x.shape
         _, o, oh, ow = out.shape
-        prog[i] = (n, c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, groups, act,
-                   1 if res.size else 0, nblk, kk, KINDS[kind], bias.size)
+        prog[i] = (
+            n,
+            c,
+            h,
+            w,
+            o,
+            oh,
+            ow,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            dh,
+            dw,
+            groups,
+            act,
+            1 if res.size else 0,
+            nblk,
+            kk,
+            KINDS[kind],
+            bias.size,
+        )
         fprog[i] = alo, ahi
     sync = np.zeros(len(layers) * PHASES * (MAX_TASKS + 1), np.int64)
     return addr, prog, fprog, sync, keep

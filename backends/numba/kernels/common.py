@@ -546,7 +546,6 @@ def take(x, indices, out):
             out[a, i] = x[a, j]
 
 
-
 @njit(cache=True)
 def codebook_decode(codebook, packed, bits, out):
     """``out[e] = codebook[e // (n / G), index e]`` for the dense little-endian bit-packed indices

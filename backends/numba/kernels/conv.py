@@ -199,8 +199,20 @@ def linear_packed(x, packed, bias, res, out, act, lo, hi, nthreads):
     xc = np.ascontiguousarray(x)
     for ch in prange(rsplit * csplit):
         ri, cj = ch // csplit, ch % csplit
-        gemm_packed(xc, packed, bias, res, out, act, lo, hi, ri * m // rsplit,
-                    (ri + 1) * m // rsplit, cj * nb // csplit, (cj + 1) * nb // csplit)
+        gemm_packed(
+            xc,
+            packed,
+            bias,
+            res,
+            out,
+            act,
+            lo,
+            hi,
+            ri * m // rsplit,
+            (ri + 1) * m // rsplit,
+            cj * nb // csplit,
+            (cj + 1) * nb // csplit,
+        )
 
 
 @njit(parallel=True, cache=True)

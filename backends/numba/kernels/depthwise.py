@@ -66,10 +66,12 @@ class _Vec:
         mty, vp, i32 = ir.VectorType(ir.IntType(1), lanes), self.vty.as_pointer(), self.i32
         declare = functools.partial(cgutils.get_or_insert_function, builder.module)
         self._fma = declare(ir.FunctionType(self.vty, [self.vty] * 3), f"llvm.fma.{name}")
-        self._load = declare(ir.FunctionType(self.vty, [vp, i32, mty, self.vty]),
-                             f"llvm.masked.load.{name}.p0")
-        self._store = declare(ir.FunctionType(ir.VoidType(), [self.vty, vp, i32, mty]),
-                              f"llvm.masked.store.{name}.p0")
+        self._load = declare(
+            ir.FunctionType(self.vty, [vp, i32, mty, self.vty]), f"llvm.masked.load.{name}.p0"
+        )
+        self._store = declare(
+            ir.FunctionType(ir.VoidType(), [self.vty, vp, i32, mty]), f"llvm.masked.store.{name}.p0"
+        )
 
     def const(self, value):
         return ir.Constant(self.idx, value)
@@ -81,8 +83,11 @@ class _Vec:
         return self.b.shuffle_vector(one, vec, zeros)
 
     def splat32(self, value):
-        return self.splat(self.b.trunc(value, self.i32) if isinstance(value, ir.Value) else
-                          ir.Constant(self.i32, value))
+        return self.splat(
+            self.b.trunc(value, self.i32)
+            if isinstance(value, ir.Value)
+            else ir.Constant(self.i32, value)
+        )
 
     def below(self, a, bound):
         """Lanes where 0 <= a < bound (one unsigned compare)."""
@@ -224,14 +229,35 @@ class _LayerIR:
             return context.make_array(aty[k])(context, builder, args[k]).data
 
         self.b, self.kh, self.kw, self.sw, self.is_flat = builder, kh, kw, sw, flat
-        (self.outp, self.resp, self.xp, self.xpp, self.tp, self.bp, self.colp, self.krowp,
-         self.drowp) = (data(k) for k in (0, 1, 3, 4, 5, 6, 9, 10, 11))
-        self.nb = builder.extract_value(context.make_array(aty[6])(
-            context, builder, args[6]).shape, 0)
-        (self.oh, self.ow, self.wq, self.sh, self.dh, self.dw, self.pw, self.hq, self.kh_rt,
-         self.kw_rt) = cgutils.unpack_tuple(builder, args[12])
+        (
+            self.outp,
+            self.resp,
+            self.xp,
+            self.xpp,
+            self.tp,
+            self.bp,
+            self.colp,
+            self.krowp,
+            self.drowp,
+        ) = (data(k) for k in (0, 1, 3, 4, 5, 6, 9, 10, 11))
+        self.nb = builder.extract_value(
+            context.make_array(aty[6])(context, builder, args[6]).shape, 0
+        )
+        (
+            self.oh,
+            self.ow,
+            self.wq,
+            self.sh,
+            self.dh,
+            self.dw,
+            self.pw,
+            self.hq,
+            self.kh_rt,
+            self.kw_rt,
+        ) = cgutils.unpack_tuple(builder, args[12])
         self.t0, self.t1, self.c, self.mult, self.h, self.w, self.copy = cgutils.unpack_tuple(
-            builder, args[13])
+            builder, args[13]
+        )
         self.v = v = _Vec(builder, context.get_value_type(aty[0].dtype))
         self.lo, self.hi = v.splat(args[7]), v.splat(args[8])
         self.use_res = builder.icmp_signed("!=", args[2], v.const(0))
@@ -260,8 +286,9 @@ class _LayerIR:
         b, v, c = self.b, self.v, self.v.const
         dst = self.xpp  # drows include SLACK
         if self.is_flat and self.sw == 2:
-            _split_rows_ir(v, dst, self.drowp, b.mul(self.hq, self.wq), src, self.w, self.h,
-                           self.wq, self.sh)
+            _split_rows_ir(
+                v, dst, self.drowp, b.mul(self.hq, self.wq), src, self.w, self.h, self.wq, self.sh
+            )
             return
         whole = b.icmp_signed("==", self.copy, c(0))
         with b.if_else(whole) as (one, rows):
@@ -308,8 +335,11 @@ class _LayerIR:
         self.bias = v.splat(bias)
         self.wbase = b.gep(self.tp, [b.mul(co, b.mul(self.kh_rt, self.kw_rt))])
         # the unrolled kernel's weights, broadcast once per plane
-        self.tap_w = {(ki, kj): v.splat(b.load(b.gep(self.wbase, [v.const(ki * kw + kj)])))
-                      for ki in range(kh) for kj in range(kw)}
+        self.tap_w = {
+            (ki, kj): v.splat(b.load(b.gep(self.wbase, [v.const(ki * kw + kj)])))
+            for ki in range(kh)
+            for kj in range(kw)
+        }
         if self.is_flat:
             self.flat(oi)
         else:
@@ -388,8 +418,11 @@ class _LayerIR:
                     xv = v.load(b.gep(self.bases[ki, (kj - pw_c) % sw], [p0]), c(dx))
                 self.fma(ki, kj, kiv, kjv, xv, mask)
 
-            self.each(kh, self.kh_rt, lambda ki, kiv: self.each(
-                kw, self.kw_rt, lambda kj, kjv: tap(ki, kj, kiv, kjv)))
+            self.each(
+                kh,
+                self.kh_rt,
+                lambda ki, kiv: self.each(kw, self.kw_rt, lambda kj, kjv: tap(ki, kj, kiv, kjv)),
+            )
             self.finish(b.add(oi, p0), b.sub(npix, p0))
 
     def rows(self, oi):
@@ -404,15 +437,20 @@ class _LayerIR:
 
                 def tap(kiv, kjv):
                     y = b.add(rsh, b.mul(kiv, self.dh))
-                    at = b.add(c(SLACK), b.add(b.mul(y, self.wq), b.add(
-                        b.mul(q0, c(sw)), b.mul(kjv, self.dw))))
+                    at = b.add(
+                        c(SLACK),
+                        b.add(b.mul(y, self.wq), b.add(b.mul(q0, c(sw)), b.mul(kjv, self.dw))),
+                    )
                     xv = v.load(self.xpp, at)
                     if sw == 2:
                         xv = v.lanes_of(xv, v.load(self.xpp, b.add(at, c(v.lanes))), 0)
                     self.fma(None, None, kiv, kjv, xv)
 
-                self.each(0, self.kh_rt, lambda ki, kiv: self.each(
-                    0, self.kw_rt, lambda kj, kjv: tap(kiv, kjv)))
+                self.each(
+                    0,
+                    self.kh_rt,
+                    lambda ki, kiv: self.each(0, self.kw_rt, lambda kj, kjv: tap(kiv, kjv)),
+                )
                 self.finish(b.add(orow, q0), b.sub(self.ow, q0))
 
 
@@ -429,8 +467,9 @@ def _depthwise_layer(kh: int, kw: int, sw: int, flat: bool):
     """
 
     @intrinsic
-    def layer(typingctx, out, res, has_res, x, xp, taps, b, lo, hi, cols, krows, drows, geom,
-              tasks):
+    def layer(
+        typingctx, out, res, has_res, x, xp, taps, b, lo, hi, cols, krows, drows, geom, tasks
+    ):
         i, f = types.intp, out.dtype
         sig = types.void(out, res, i, x, xp, taps, b, f, f, cols, krows, drows, geom, tasks)
 
@@ -445,7 +484,8 @@ def _depthwise_layer(kh: int, kw: int, sw: int, flat: bool):
 
 # the FLAT kernels unrolled for 3x3 and 5x5 or for any kernel, the ROW kernels for any kernel
 _flat1_33, _flat1_55, _flat1_any, _flat2_33, _flat2_55, _flat2_any = (
-    _depthwise_layer(k, k, s, True) for s in (1, 2) for k in (3, 5, 0))
+    _depthwise_layer(k, k, s, True) for s in (1, 2) for k in (3, 5, 0)
+)
 _row1_any, _row2_any = (_depthwise_layer(0, 0, s, False) for s in (1, 2))
 
 
@@ -544,8 +584,19 @@ def _depthwise_tasks(x, taps, b, res, out, geom, act, lo, hi, t0, t1):
 @njit(parallel=True, cache=True)
 def _depthwise_parallel(x, taps, b, res, out, geom, act, lo, hi, total, chunks):
     for ch in prange(chunks):
-        _depthwise_tasks(x, taps, b, res, out, geom, act, lo, hi, ch * total // chunks,
-                         (ch + 1) * total // chunks)
+        _depthwise_tasks(
+            x,
+            taps,
+            b,
+            res,
+            out,
+            geom,
+            act,
+            lo,
+            hi,
+            ch * total // chunks,
+            (ch + 1) * total // chunks,
+        )
 
 
 @njit(cache=True)

@@ -10,6 +10,7 @@ output pixel r. Weights are packed once at compile time (:func:`pack_weight`) as
 over a block of pixels (the tile's raw sums wait in a scratch buffer), so the weights of one
 pass stay in L1 across the block's tiles.
 """
+
 from __future__ import annotations
 
 import numba
@@ -87,8 +88,35 @@ def pixel_bases(oh, ow, sh, sw, wp):
 
 
 @njit(cache=True)
-def _tile_pass(rows, out, ob, ldo, res, rb, ldr, has_res, xp, xi, bases, bb, offs, k0, n, packed,
-               wi, bias, ci, lo, hi, nc, acc, ab, pa, pz, mode):
+def _tile_pass(
+    rows,
+    out,
+    ob,
+    ldo,
+    res,
+    rb,
+    ldr,
+    has_res,
+    xp,
+    xi,
+    bases,
+    bb,
+    offs,
+    k0,
+    n,
+    packed,
+    wi,
+    bias,
+    ci,
+    lo,
+    hi,
+    nc,
+    acc,
+    ab,
+    pa,
+    pz,
+    mode,
+):
     """Reduction steps [k0, k0 + n) of the tiles of ``rows`` pixels starting at pa, pa + rows, ...
     below pz; the tile at p writes ``out`` from ``ob + p``, reads ``res`` from ``rb + p``, its
     bases from ``bb + p`` and keeps its sums in ``acc`` from ``ab + 16 p``. One loop per tile
@@ -97,17 +125,66 @@ def _tile_pass(rows, out, ob, ldo, res, rb, ldr, has_res, xp, xi, bases, bb, off
     wk = wi + k0 * LANES
     if rows == ROWS_A:
         for p in range(pa, pz, ROWS_A):
-            _tile_a(out, ob + p, ldo, res, rb + p, ldr, has_res, xp, xi, bases, bb + p, offs, k0,
-                    n, packed, wk, bias, ci, lo, hi, nc, acc, ab + p * LANES, mode)
+            _tile_a(
+                out,
+                ob + p,
+                ldo,
+                res,
+                rb + p,
+                ldr,
+                has_res,
+                xp,
+                xi,
+                bases,
+                bb + p,
+                offs,
+                k0,
+                n,
+                packed,
+                wk,
+                bias,
+                ci,
+                lo,
+                hi,
+                nc,
+                acc,
+                ab + p * LANES,
+                mode,
+            )
     else:
         for p in range(pa, pz, ROWS_B):
-            _tile_b(out, ob + p, ldo, res, rb + p, ldr, has_res, xp, xi, bases, bb + p, offs, k0,
-                    n, packed, wk, bias, ci, lo, hi, nc, acc, ab + p * LANES, mode)
+            _tile_b(
+                out,
+                ob + p,
+                ldo,
+                res,
+                rb + p,
+                ldr,
+                has_res,
+                xp,
+                xi,
+                bases,
+                bb + p,
+                offs,
+                k0,
+                n,
+                packed,
+                wk,
+                bias,
+                ci,
+                lo,
+                hi,
+                nc,
+                acc,
+                ab + p * LANES,
+                mode,
+            )
 
 
 @njit(cache=True)
-def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, t0, t1,
-                q0, q1):
+def _conv_tasks(
+    xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, t0, t1, q0, q1
+):
     """Tasks [t0, t1) of (image, channel block of 16, block of the output pixels [q0, q1)): the
     micro-kernel over the block's tiles, in passes of at most KC reduction steps (the last,
     partial tile of the last pass into scratch rows, then copied), then an activation other
@@ -138,22 +215,100 @@ def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo,
         chan = (ni * o + co0) * npix
         full = p0 + (p1 - p0) // rows * rows
         for kp in range(passes - 1):  # every tile, the partial one too, sums into acc
-            _tile_pass(rows, outf, 0, 0, resf, 0, 0, 0, xp, xi, bases, -q0, offs, kp * kc, kc,
-                       packed, wi, bias, ci, lo, hi, nc, acc, -p0 * LANES, p0, p1,
-                       ACC_STORE | (ACC_LOAD if kp else 0))
+            _tile_pass(
+                rows,
+                outf,
+                0,
+                0,
+                resf,
+                0,
+                0,
+                0,
+                xp,
+                xi,
+                bases,
+                -q0,
+                offs,
+                kp * kc,
+                kc,
+                packed,
+                wi,
+                bias,
+                ci,
+                lo,
+                hi,
+                nc,
+                acc,
+                -p0 * LANES,
+                p0,
+                p1,
+                ACC_STORE | (ACC_LOAD if kp else 0),
+            )
         k0 = (passes - 1) * kc
         mode = ACC_LOAD if passes > 1 else 0
-        _tile_pass(rows, outf, chan, npix, resf, chan, npix, has_res, xp, xi, bases, -q0, offs,
-                   k0, kk - k0, packed, wi, bias, ci, lo, hi, nc, acc, -p0 * LANES, p0, full,
-                   mode)
+        _tile_pass(
+            rows,
+            outf,
+            chan,
+            npix,
+            resf,
+            chan,
+            npix,
+            has_res,
+            xp,
+            xi,
+            bases,
+            -q0,
+            offs,
+            k0,
+            kk - k0,
+            packed,
+            wi,
+            bias,
+            ci,
+            lo,
+            hi,
+            nc,
+            acc,
+            -p0 * LANES,
+            p0,
+            full,
+            mode,
+        )
         if full < p1:  # the last, partial tile: into scratch rows of ``rows``, then copied
             m = p1 - full
             if has_res:
                 for j in range(nc):
                     rscratch[j * rows : j * rows + m] = res[ni, co0 + j, full:p1]
-            _tile_pass(rows, scratch, -full, rows, rscratch, -full, rows, has_res, xp, xi, bases,
-                       -q0, offs, k0, kk - k0, packed, wi, bias, ci, lo, hi, nc, acc,
-                       -p0 * LANES, full, full + 1, mode)
+            _tile_pass(
+                rows,
+                scratch,
+                -full,
+                rows,
+                rscratch,
+                -full,
+                rows,
+                has_res,
+                xp,
+                xi,
+                bases,
+                -q0,
+                offs,
+                k0,
+                kk - k0,
+                packed,
+                wi,
+                bias,
+                ci,
+                lo,
+                hi,
+                nc,
+                acc,
+                -p0 * LANES,
+                full,
+                full + 1,
+                mode,
+            )
             for j in range(nc):
                 out[ni, co0 + j, full:p1] = scratch[j * rows : j * rows + m]
         if act != NONE and act != RELU and act != CLIP:
@@ -162,11 +317,29 @@ def _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo,
 
 
 @njit(parallel=True, cache=True)
-def _conv_parallel(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, total,
-                   chunks):
+def _conv_parallel(
+    xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi, total, chunks
+):
     for ch in prange(chunks):
-        _conv_tasks(xp, bases, offs, packed, bias, res, out, geom, lo, hi, act, alo, ahi,
-                    ch * total // chunks, (ch + 1) * total // chunks, 0, out.shape[2])
+        _conv_tasks(
+            xp,
+            bases,
+            offs,
+            packed,
+            bias,
+            res,
+            out,
+            geom,
+            lo,
+            hi,
+            act,
+            alo,
+            ahi,
+            ch * total // chunks,
+            (ch + 1) * total // chunks,
+            0,
+            out.shape[2],
+        )
 
 
 @njit(cache=True)
@@ -197,8 +370,30 @@ def _pad_band(x, ph, pw, iy0, hb, xb):
 
 
 @njit(cache=True)
-def _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi, act,
-               alo, ahi, rows, q0, q1):
+def _conv_band(
+    x,
+    packed,
+    bias,
+    res,
+    out,
+    kh,
+    kw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    groups,
+    lo,
+    hi,
+    act,
+    alo,
+    ahi,
+    rows,
+    q0,
+    q1,
+):
     """Output pixels [q0, q1) of every image and channel, from a private zero-padded copy of
     the input rows they read (see :func:`conv2d_planned`); without padding (1x1 convs) straight
     from the input, whose rows of this band the same thread wrote if the previous layer was
@@ -228,9 +423,25 @@ def _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups
     offs = tap_offsets(c // groups, kh, kw, dh, dw, hb, wp)
     nbg = packed.shape[0] // groups
     geom = (groups, nbg, c // groups, hb * wp, 1, q1 - q0, rows)
-    _conv_tasks(xb, bases, offs, packed, bias, res.reshape(n_img, out.shape[1], npix) if res.size
-                else res.reshape(0, 0, 0), out.reshape(n_img, out.shape[1], npix), geom, lo, hi,
-                act, alo, ahi, 0, n_img * groups * nbg, q0, q1)
+    _conv_tasks(
+        xb,
+        bases,
+        offs,
+        packed,
+        bias,
+        res.reshape(n_img, out.shape[1], npix) if res.size else res.reshape(0, 0, 0),
+        out.reshape(n_img, out.shape[1], npix),
+        geom,
+        lo,
+        hi,
+        act,
+        alo,
+        ahi,
+        0,
+        n_img * groups * nbg,
+        q0,
+        q1,
+    )
 
 
 @njit(cache=True)
@@ -238,8 +449,7 @@ def by_bands(tiles, chunks, weights, padded_input):
     """Whether a layer of ``tiles`` output tiles splits among ``chunks`` threads by bands of
     output rows (see :func:`conv2d_planned`): ``BAND_TILES`` tiles per thread or tiles that
     divide evenly among them, and weights no larger than the padded input (floats)."""
-    return ((tiles >= BAND_TILES * chunks or tiles % chunks == 0)
-            and weights <= padded_input)
+    return (tiles >= BAND_TILES * chunks or tiles % chunks == 0) and weights <= padded_input
 
 
 @njit(cache=True)
@@ -250,13 +460,56 @@ def band(ch, chunks, npix, rows):
 
 
 @njit(parallel=True, cache=True)
-def _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi, act,
-                alo, ahi, rows, chunks):
+def _conv_bands(
+    x,
+    packed,
+    bias,
+    res,
+    out,
+    kh,
+    kw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    groups,
+    lo,
+    hi,
+    act,
+    alo,
+    ahi,
+    rows,
+    chunks,
+):
     npix = out.shape[2] * out.shape[3]
     for ch in prange(chunks):
         q0, q1 = band(ch, chunks, npix, rows)
-        _conv_band(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
-                   act, alo, ahi, rows, q0, q1)
+        _conv_band(
+            x,
+            packed,
+            bias,
+            res,
+            out,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            dh,
+            dw,
+            groups,
+            lo,
+            hi,
+            act,
+            alo,
+            ahi,
+            rows,
+            q0,
+            q1,
+        )
 
 
 def conv_geometry(xshape, o, kh, kw, stride, padding, dilation, groups):
@@ -269,8 +522,11 @@ def conv_geometry(xshape, o, kh, kw, stride, padding, dilation, groups):
     hp, wp = h + 2 * ph, w + 2 * pw
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
-    return ((oh, ow, sh, sw, wp), (c // groups, kh, kw, dh, dw, hp, wp),
-            n * c * hp * wp if ph or pw else 0)
+    return (
+        (oh, ow, sh, sw, wp),
+        (c // groups, kh, kw, dh, dw, hp, wp),
+        n * c * hp * wp if ph or pw else 0,
+    )
 
 
 def pack_bias(b, o: int, groups: int) -> np.ndarray:
@@ -344,8 +600,29 @@ def task_geometry(n_img, groups, nbg, cg, plane, npix, rows, chunks):
 
 
 @njit(cache=True)
-def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
-                   groups, act, alo, ahi, nthreads):
+def conv2d_planned(
+    x,
+    xp,
+    packed,
+    bias,
+    bases,
+    offs,
+    res,
+    out,
+    kh,
+    kw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    groups,
+    act,
+    alo,
+    ahi,
+    nthreads,
+):
     """:func:`conv2d_packed` with its per-layer constants given: ``xp`` a buffer for the padded
     input (size 0 without padding), ``bias`` from :func:`pack_bias`, ``bases``/``offs`` from
     :func:`pixel_bases` / :func:`tap_offsets` with :func:`conv_geometry`'s arguments. What the
@@ -394,8 +671,29 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     # bands make every thread read all the weights, channel blocks all the input: the smaller
     bands = chunks > 1 and by_bands(tiles, chunks, packed.size, n_img * c * hp * wp)
     if bands and not transposed:
-        _conv_bands(x, packed, bias, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, lo, hi,
-                    act, alo, ahi, rows, chunks)
+        _conv_bands(
+            x,
+            packed,
+            bias,
+            res,
+            out,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            dh,
+            dw,
+            groups,
+            lo,
+            hi,
+            act,
+            alo,
+            ahi,
+            rows,
+            chunks,
+        )
         return
     if transposed:
         src, bases, offs = _channels_last(x)
@@ -408,16 +706,49 @@ def conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, p
     outf = out.reshape(n_img, o, npix)
     resf = res.reshape(n_img, o, npix) if res.size else res.reshape(0, 0, 0)
     if chunks == 1:
-        _conv_tasks(src, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi, 0,
-                    total, 0, npix)
+        _conv_tasks(
+            src,
+            bases,
+            offs,
+            packed,
+            bias,
+            resf,
+            outf,
+            geom,
+            lo,
+            hi,
+            act,
+            alo,
+            ahi,
+            0,
+            total,
+            0,
+            npix,
+        )
     else:
-        _conv_parallel(src, bases, offs, packed, bias, resf, outf, geom, lo, hi, act, alo, ahi,
-                       total, min(chunks, total))
+        _conv_parallel(
+            src,
+            bases,
+            offs,
+            packed,
+            bias,
+            resf,
+            outf,
+            geom,
+            lo,
+            hi,
+            act,
+            alo,
+            ahi,
+            total,
+            min(chunks, total),
+        )
 
 
 @njit(cache=True)
-def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, act, alo, ahi,
-                  nthreads):
+def conv2d_packed(
+    x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, act, alo, ahi, nthreads
+):
     """float32 conv2d (NCHW; any stride, padding, dilation, groups) with weights packed by
     :func:`pack_weight`, fused ``act(y + b + res)``; ``b`` (O,) and ``res`` (like ``out``) may have
     size 0. Tasks of (image, 16 output channels, block of output pixels) are shared among
@@ -435,5 +766,26 @@ def conv2d_packed(x, packed, b, res, out, kh, kw, sh, sw, ph, pw, dh, dw, groups
         for g in range(groups):
             bias[g * nbg * LANES : g * nbg * LANES + og] = b[g * og : (g + 1) * og]
     xp = np.empty(n_img * c * hp * wp if ph or pw else 0, np.float32)
-    conv2d_planned(x, xp, packed, bias, bases, offs, res, out, kh, kw, sh, sw, ph, pw, dh, dw,
-                   groups, act, alo, ahi, nthreads)
+    conv2d_planned(
+        x,
+        xp,
+        packed,
+        bias,
+        bases,
+        offs,
+        res,
+        out,
+        kh,
+        kw,
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
+        groups,
+        act,
+        alo,
+        ahi,
+        nthreads,
+    )

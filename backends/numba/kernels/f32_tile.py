@@ -81,13 +81,17 @@ def _tile_epilogue(rows, builder, accs, outb, ldo, resb, ldr, has_res, bv, lo, h
     vecs = [builder.fadd(acc, bv) for acc in accs]
     vecs += [ir.Constant(v16, [0.0] * LANES)] * (p - rows)
     for stage in stages:
-        vecs = [builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(
-            ir.VectorType(i32, LANES), mask)) for a, b, mask in stage]
+        vecs = [
+            builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(ir.VectorType(i32, LANES), mask))
+            for a, b, mask in stage
+        ]
 
     def splat(value):
         return builder.shuffle_vector(
             builder.insert_element(ir.Constant(vr, ir.Undefined), value, i32(0)),
-            ir.Constant(vr, ir.Undefined), ir.Constant(ir.VectorType(i32, rows), [0] * rows))
+            ir.Constant(vr, ir.Undefined),
+            ir.Constant(ir.VectorType(i32, rows), [0] * rows),
+        )
 
     lov, hiv = splat(lo), splat(hi)
     use_res = builder.icmp_signed("!=", has_res, idx(0))
@@ -95,14 +99,16 @@ def _tile_epilogue(rows, builder, accs, outb, ldo, resb, ldr, has_res, bv, lo, h
         v, slot = j // per_vec, j % per_vec
         first = slot * (LANES // per_vec)
         assert labels[v][first] == (0, j)
-        row = builder.shuffle_vector(vecs[v], undef, ir.Constant(
-            ir.VectorType(i32, rows), list(range(first, first + rows))))
+        row = builder.shuffle_vector(
+            vecs[v], undef, ir.Constant(ir.VectorType(i32, rows), list(range(first, first + rows)))
+        )
         with builder.if_then(builder.icmp_signed("<", idx(j), nc), likely=True):
             before = builder.block
             with builder.if_then(use_res):
                 rp = builder.gep(resb, [builder.mul(ldr, idx(j))])
-                summed = builder.fadd(row, builder.load(
-                    builder.bitcast(rp, vr.as_pointer()), align=4))
+                summed = builder.fadd(
+                    row, builder.load(builder.bitcast(rp, vr.as_pointer()), align=4)
+                )
                 added = builder.block
             merged = builder.phi(vr)
             merged.add_incoming(row, before)
@@ -129,51 +135,122 @@ def _conv_tile(rows: int):
     """
 
     @intrinsic
-    def tile(typingctx, out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, ko, n, w,
-             wi, bias, ci, lo, hi, nc, acc, ai, mode):
+    def tile(
+        typingctx,
+        out,
+        oi,
+        ldo,
+        res,
+        ri,
+        ldr,
+        has_res,
+        xp,
+        xi,
+        bases,
+        bi,
+        offs,
+        ko,
+        n,
+        w,
+        wi,
+        bias,
+        ci,
+        lo,
+        hi,
+        nc,
+        acc,
+        ai,
+        mode,
+    ):
         i, f = types.intp, types.float32
-        sig = types.void(out, i, i, res, i, i, i, xp, i, bases, i, offs, i, i, w, i, bias, i, f, f,
-                         i, acc, i, i)
+        sig = types.void(
+            out, i, i, res, i, i, i, xp, i, bases, i, offs, i, i, w, i, bias, i, f, f, i, acc, i, i
+        )
 
         def codegen(context, builder, signature, args):
-            (out, oi, ldo, res, ri, ldr, has_res, xp, xi, bases, bi, offs, ko, n, w, wi, bias, ci,
-             lo, hi, nc, acc, ai, mode) = args
+            (
+                out,
+                oi,
+                ldo,
+                res,
+                ri,
+                ldr,
+                has_res,
+                xp,
+                xi,
+                bases,
+                bi,
+                offs,
+                ko,
+                n,
+                w,
+                wi,
+                bias,
+                ci,
+                lo,
+                hi,
+                nc,
+                acc,
+                ai,
+                mode,
+            ) = args
             aty = signature.args
 
             def data(k, value):
                 return context.make_array(aty[k])(context, builder, value).data
 
             outp, resp, xpp, basep, offp, wp, biasp, accp = (
-                data(k, v) for k, v in ((0, out), (3, res), (7, xp), (9, bases), (11, offs),
-                                        (14, w), (16, bias), (21, acc)))
+                data(k, v)
+                for k, v in (
+                    (0, out),
+                    (3, res),
+                    (7, xp),
+                    (9, bases),
+                    (11, offs),
+                    (14, w),
+                    (16, bias),
+                    (21, acc),
+                )
+            )
             v16 = ir.VectorType(ir.FloatType(), LANES)
             idx = n.type
             fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+                builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32"
+            )
             xbase = builder.gep(xpp, [xi])
-            rowp = [builder.gep(xbase, [builder.load(builder.gep(basep, [
-                builder.add(bi, idx(r))]))]) for r in range(rows)]
+            rowp = [
+                builder.gep(xbase, [builder.load(builder.gep(basep, [builder.add(bi, idx(r))]))])
+                for r in range(rows)
+            ]
             wbase = builder.gep(wp, [wi])
             offb = builder.gep(offp, [ko])
             zero = ir.Constant(v16, [0.0] * LANES)
             undef = ir.Constant(v16, ir.Undefined)
             accb = builder.gep(accp, [ai])
-            saved = [builder.bitcast(builder.gep(accb, [idx(r * LANES)]), v16.as_pointer())
-                     for r in range(rows)]
+            saved = [
+                builder.bitcast(builder.gep(accb, [idx(r * LANES)]), v16.as_pointer())
+                for r in range(rows)
+            ]
 
             def mode_has(bit):
                 return builder.icmp_signed("!=", builder.and_(mode, idx(bit)), idx(0))
 
             def step(k, accs):
                 off = builder.load(builder.gep(offb, [k]))
-                wv = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(
-                    k, idx(LANES))]), v16.as_pointer()), align=4)
+                wv = builder.load(
+                    builder.bitcast(
+                        builder.gep(wbase, [builder.mul(k, idx(LANES))]), v16.as_pointer()
+                    ),
+                    align=4,
+                )
                 new = []
                 for acc, row in zip(accs, rowp, strict=True):
-                    xv = builder.insert_element(undef, builder.load(builder.gep(row, [off])),
-                                                ir.IntType(32)(0))
-                    xv = builder.shuffle_vector(xv, undef, ir.Constant(
-                        ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+                    xv = builder.insert_element(
+                        undef, builder.load(builder.gep(row, [off])), ir.IntType(32)(0)
+                    )
+                    xv = builder.shuffle_vector(
+                        xv, undef, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+                    )
                     new.append(builder.call(fma, [wv, xv, acc]))
                 return new
 
@@ -192,10 +269,23 @@ def _conv_tile(rows: int):
                     for value, a in zip(accs, saved, strict=True):
                         builder.store(value, a, align=4)
                 with final:
-                    bv = builder.load(builder.bitcast(builder.gep(biasp, [ci]),
-                                                      v16.as_pointer()), align=4)
-                    _tile_epilogue(rows, builder, accs, builder.gep(outp, [oi]), ldo,
-                                   builder.gep(resp, [ri]), ldr, has_res, bv, lo, hi, nc)
+                    bv = builder.load(
+                        builder.bitcast(builder.gep(biasp, [ci]), v16.as_pointer()), align=4
+                    )
+                    _tile_epilogue(
+                        rows,
+                        builder,
+                        accs,
+                        builder.gep(outp, [oi]),
+                        ldo,
+                        builder.gep(resp, [ri]),
+                        ldr,
+                        has_res,
+                        bv,
+                        lo,
+                        hi,
+                        nc,
+                    )
             return context.get_dummy_value()
 
         return sig, codegen

@@ -37,32 +37,46 @@ def _gemv_block(typingctx, x, xi, w, wi, n, acc, ai):
     def codegen(context, builder, signature, args):
         x, xi, w, wi, n, acc, ai = args
         aty = signature.args
-        xb, wb, ab = (builder.gep(context.make_array(aty[k])(context, builder, v).data, [o])
-                      for k, v, o in ((0, x, xi), (2, w, wi), (5, acc, ai)))
+        xb, wb, ab = (
+            builder.gep(context.make_array(aty[k])(context, builder, v).data, [o])
+            for k, v, o in ((0, x, xi), (2, w, wi), (5, acc, ai))
+        )
         v16 = ir.VectorType(ir.FloatType(), LANES)
         idx = n.type
         fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+            builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32"
+        )
         undef = ir.Constant(v16, ir.Undefined)
         splat0 = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
 
         def fma_step(k, total):
-            xv = builder.insert_element(undef, builder.load(builder.gep(xb, [k])),
-                                        ir.IntType(32)(0))
+            xv = builder.insert_element(
+                undef, builder.load(builder.gep(xb, [k])), ir.IntType(32)(0)
+            )
             xv = builder.shuffle_vector(xv, undef, splat0)
-            wv = builder.load(builder.bitcast(builder.gep(wb, [builder.mul(k, idx(LANES))]),
-                                              v16.as_pointer()), align=4)
+            wv = builder.load(
+                builder.bitcast(builder.gep(wb, [builder.mul(k, idx(LANES))]), v16.as_pointer()),
+                align=4,
+            )
             return builder.call(fma, [wv, xv, total])
 
         chains = idx(GEMV_CHAINS)
         rounds = builder.sdiv(n, chains)
-        accs = reduction_loop(builder, rounds, [ir.Constant(v16, [0.0] * LANES)] * GEMV_CHAINS,
-                              lambda r, vals: [fma_step(builder.add(builder.mul(r, chains),
-                                                                    idx(c)), v)
-                                               for c, v in enumerate(vals)])
+        accs = reduction_loop(
+            builder,
+            rounds,
+            [ir.Constant(v16, [0.0] * LANES)] * GEMV_CHAINS,
+            lambda r, vals: [
+                fma_step(builder.add(builder.mul(r, chains), idx(c)), v) for c, v in enumerate(vals)
+            ],
+        )
         done = builder.mul(rounds, chains)
-        (last,) = reduction_loop(builder, builder.sub(n, done), [accs[0]],
-                                 lambda k, vals: [fma_step(builder.add(done, k), vals[0])])
+        (last,) = reduction_loop(
+            builder,
+            builder.sub(n, done),
+            [accs[0]],
+            lambda k, vals: [fma_step(builder.add(done, k), vals[0])],
+        )
         total = last
         for more in accs[1:]:
             total = builder.fadd(total, more)
@@ -115,9 +129,35 @@ def gemm_packed(a, packed, bias, res, c, act, alo, ahi, m0, m1, b0, b1):
                 kp_count = passes
             for kp in range(kp_count):
                 k0 = kp * kc
-                _tile_pass(rows, none, 0, 0, none, 0, 0, 0, af, 0, bases, -q0, offs, k0,
-                           min(kc, kk - k0), packed, blk * kk * LANES, bias, col, lo, hi, nc,
-                           acc, -q0 * LANES, q0, q1, ACC_STORE | (ACC_LOAD if kp else 0))
+                _tile_pass(
+                    rows,
+                    none,
+                    0,
+                    0,
+                    none,
+                    0,
+                    0,
+                    0,
+                    af,
+                    0,
+                    bases,
+                    -q0,
+                    offs,
+                    k0,
+                    min(kc, kk - k0),
+                    packed,
+                    blk * kk * LANES,
+                    bias,
+                    col,
+                    lo,
+                    hi,
+                    nc,
+                    acc,
+                    -q0 * LANES,
+                    q0,
+                    q1,
+                    ACC_STORE | (ACC_LOAD if kp else 0),
+                )
             for p in range(q0, q1):
                 s = (p - q0) * LANES
                 for j in range(nc):
@@ -172,8 +212,20 @@ def gemm_t(a, bt, c):
 @njit(cache=True)
 def _gemm_f32(a, packed, c):
     bias = np.zeros(packed.shape[0] * LANES, np.float32)
-    gemm_packed(np.ascontiguousarray(a), packed, bias, np.empty((0, 0), np.float32), c, NONE,
-                0.0, 0.0, 0, a.shape[0], 0, packed.shape[0])
+    gemm_packed(
+        np.ascontiguousarray(a),
+        packed,
+        bias,
+        np.empty((0, 0), np.float32),
+        c,
+        NONE,
+        0.0,
+        0.0,
+        0,
+        a.shape[0],
+        0,
+        packed.shape[0],
+    )
 
 
 @njit(cache=True)

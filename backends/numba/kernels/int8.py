@@ -1,8 +1,8 @@
 """Integer kernels of the numba backend: uint8 x int8 convolution (dense, depthwise, grouped)
 and linear with int32 accumulation, fused bias, residual, relu/clip and requantization.
 
-LLVM (through numba) does not emit AVX-512 VNNI's ``vpdpbusd`` for any int8 loop
-(../shared/PERF_NOTES.md), so the inner product of dense convs and linears is an explicit
+LLVM (through numba) does not emit AVX-512 VNNI's ``vpdpbusd`` for any int8 loop (its
+auto-vectoriser never forms it), so the inner product of dense convs and linears is an explicit
 intrinsic: :func:`_dot_rows` builds the LLVM IR of a loop that multiplies 4 uint8 of each of
 ``R`` activation rows (broadcast) with a packed 64-byte block of int8 weights (16 output channels
 x 4 inputs) and accumulates 16 int32 lanes per row in registers (``vpdpbusd`` on CPUs with
@@ -42,8 +42,9 @@ PAR_MACS_DIRECT = 1 << 20
 def _vnni_step(builder, acc, av, bv):
     """``acc + vpdpbusd(av, bv)``: one AVX-512 VNNI instruction (u8 x s8, 4 products per lane)."""
     v16 = acc.type
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
-                                        "llvm.x86.avx512.vpdpbusd.512")
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.x86.avx512.vpdpbusd.512"
+    )
     return builder.call(fn, [acc, av, bv])
 
 
@@ -55,15 +56,22 @@ def _widening_step(builder, acc, av, bv):
     i16, i32 = ir.IntType(16), ir.IntType(32)
 
     def take(v, start, n):
-        return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(
-            ir.VectorType(i32, n), list(range(start, 2 * n, 2))))
+        return builder.shuffle_vector(
+            v,
+            ir.Constant(v.type, ir.Undefined),
+            ir.Constant(ir.VectorType(i32, n), list(range(start, 2 * n, 2))),
+        )
 
     v64 = ir.VectorType(ir.IntType(8), 64)
     a16 = builder.zext(builder.bitcast(av, v64), ir.VectorType(i16, 64))
     b16 = builder.sext(builder.bitcast(bv, v64), ir.VectorType(i16, 64))
     wide = ir.VectorType(i32, 32)
-    pairs = builder.add(*(builder.mul(builder.sext(take(a16, h, 32), wide),
-                                      builder.sext(take(b16, h, 32), wide)) for h in (0, 1)))
+    pairs = builder.add(
+        *(
+            builder.mul(builder.sext(take(a16, h, 32), wide), builder.sext(take(b16, h, 32), wide))
+            for h in (0, 1)
+        )
+    )
     return builder.add(acc, builder.add(take(pairs, 0, 16), take(pairs, 1, 16)))
 
 
@@ -77,8 +85,9 @@ def _dot_rows(rows: int):
 
     @intrinsic
     def dot(typingctx, c, ci, ldc, a, ai, lda, b, bi, n):
-        sig = types.void(c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp,
-                         types.intp)
+        sig = types.void(
+            c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, types.intp
+        )
 
         def codegen(context, builder, signature, args):
             c, ci, ldc, a, ai, lda, b, bi, n = args
@@ -88,30 +97,39 @@ def _dot_rows(rows: int):
             bp = context.make_array(bty)(context, builder, b).data
             i32 = ir.IntType(32)
             v16 = ir.VectorType(i32, 16)
-            rows_a = [builder.bitcast(builder.gep(ap, [builder.add(ai, builder.mul(
-                lda, ir.Constant(lda.type, r)))]), i32.as_pointer()) for r in range(rows)]
+            rows_a = [
+                builder.bitcast(
+                    builder.gep(ap, [builder.add(ai, builder.mul(lda, ir.Constant(lda.type, r)))]),
+                    i32.as_pointer(),
+                )
+                for r in range(rows)
+            ]
             bbase = builder.gep(bp, [bi])
             zero = ir.Constant(v16, [0] * 16)
 
             def step(k, accs):
                 offset = builder.mul(k, ir.Constant(n.type, 64))
-                bv = builder.load(builder.bitcast(builder.gep(bbase, [offset]),
-                                                  v16.as_pointer()), align=1)
+                bv = builder.load(
+                    builder.bitcast(builder.gep(bbase, [offset]), v16.as_pointer()), align=1
+                )
                 new = []
                 for acc, row in zip(accs, rows_a, strict=True):
                     av = builder.load(builder.gep(row, [k]), align=1)
-                    av = builder.insert_element(ir.Constant(v16, ir.Undefined), av,
-                                                ir.Constant(i32, 0))
-                    av = builder.shuffle_vector(av, ir.Constant(v16, ir.Undefined),
-                                                ir.Constant(v16, [0] * 16))
+                    av = builder.insert_element(
+                        ir.Constant(v16, ir.Undefined), av, ir.Constant(i32, 0)
+                    )
+                    av = builder.shuffle_vector(
+                        av, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
+                    )
                     new.append(_dot_step(builder, acc, av, bv))
                 return new
 
             accs = reduction_loop(builder, n, [zero] * rows, step)
             for r, acc in enumerate(accs):
                 at = builder.add(ci, builder.mul(ldc, ir.Constant(ldc.type, r)))
-                builder.store(acc, builder.bitcast(builder.gep(cp, [at]), v16.as_pointer()),
-                              align=4)
+                builder.store(
+                    acc, builder.bitcast(builder.gep(cp, [at]), v16.as_pointer()), align=4
+                )
             return context.get_dummy_value()
 
         return sig, codegen
@@ -295,13 +313,53 @@ def _conv_tasks(xp, packed, k4, o16, geom, tile, nrb, epi, res, out_f, out_q, t0
 @njit(parallel=True, cache=True)
 def _conv_parallel(xp, packed, k4, o16, geom, tile, nrb, epi, res, out_f, out_q, total, chunks):
     for ch in prange(chunks):
-        _conv_tasks(xp, packed, k4, o16, geom, tile, nrb, epi, res, out_f, out_q,
-                    ch * total // chunks, (ch + 1) * total // chunks)
+        _conv_tasks(
+            xp,
+            packed,
+            k4,
+            o16,
+            geom,
+            tile,
+            nrb,
+            epi,
+            res,
+            out_f,
+            out_q,
+            ch * total // chunks,
+            (ch + 1) * total // chunks,
+        )
 
 
 @njit(cache=True)
-def conv2d_u8s8(x, zx, packed, wsum, k4, o16, o, kh, kw, sh, sw, ph, pw, dh, dw, scale, bias,
-                res, act, lo, hi, sy, zy, quant, out_f, out_q, nthreads=1):
+def conv2d_u8s8(
+    x,
+    zx,
+    packed,
+    wsum,
+    k4,
+    o16,
+    o,
+    kh,
+    kw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    scale,
+    bias,
+    res,
+    act,
+    lo,
+    hi,
+    sy,
+    zy,
+    quant,
+    out_f,
+    out_q,
+    nthreads=1,
+):
     """Integer conv2d (groups 1) of uint8 NCHW ``x``; writes ``out_f`` (float) or ``out_q``
     (uint8, when ``quant``), both NCHW. Tiles of whole output rows (image, row block), sized so
     that a tile's im2col and accumulators stay in L2, are shared out among ``nthreads``."""
@@ -344,13 +402,43 @@ def _linear_tasks(a, packed, acc, k4, o16, epi, res, out_f, out_q, b0, b1):
 @njit(parallel=True, cache=True)
 def _linear_parallel(a, packed, acc, k4, o16, epi, res, out_f, out_q, nb, chunks):
     for ch in prange(chunks):
-        _linear_tasks(a, packed, acc, k4, o16, epi, res, out_f, out_q, ch * nb // chunks,
-                       (ch + 1) * nb // chunks)
+        _linear_tasks(
+            a,
+            packed,
+            acc,
+            k4,
+            o16,
+            epi,
+            res,
+            out_f,
+            out_q,
+            ch * nb // chunks,
+            (ch + 1) * nb // chunks,
+        )
 
 
 @njit(cache=True)
-def linear_u8s8(x, zx, packed, wsum, k4, o16, o, scale, bias, res, act, lo, hi, sy, zy, quant,
-                out_f, out_q, nthreads=1):
+def linear_u8s8(
+    x,
+    zx,
+    packed,
+    wsum,
+    k4,
+    o16,
+    o,
+    scale,
+    bias,
+    res,
+    act,
+    lo,
+    hi,
+    sy,
+    zy,
+    quant,
+    out_f,
+    out_q,
+    nthreads=1,
+):
     """Integer linear of uint8 ``x`` (M, K); ``out_f``/``out_q`` are (M, O). Blocks of 16
     output channels are shared out among ``nthreads``."""
     m, k = x.shape
@@ -487,8 +575,14 @@ def _grouped_tasks(x, wt, groups, geom, epi, res, out_f, out_q, t0, t1):
                 if res.size:
                     for r in range(r0, r1):
                         _copy(res_buf[(r - r0) * wq : (r - r0) * wq + ow], res[ni, oc, r])
-                _finish_row(acc, oc, epi, res_buf[:n], f_buf[: 0 if quant else n],
-                            q_buf[: n if quant else 0])
+                _finish_row(
+                    acc,
+                    oc,
+                    epi,
+                    res_buf[:n],
+                    f_buf[: 0 if quant else n],
+                    q_buf[: n if quant else 0],
+                )
                 for r in range(r0, r1):
                     if quant:
                         _copy(out_q[ni, oc, r], q_buf[(r - r0) * wq :])
@@ -499,13 +593,48 @@ def _grouped_tasks(x, wt, groups, geom, epi, res, out_f, out_q, t0, t1):
 @njit(parallel=True, cache=True)
 def _grouped_parallel(x, wt, groups, geom, epi, res, out_f, out_q, total, chunks):
     for ch in prange(chunks):
-        _grouped_tasks(x, wt, groups, geom, epi, res, out_f, out_q, ch * total // chunks,
-                       (ch + 1) * total // chunks)
+        _grouped_tasks(
+            x,
+            wt,
+            groups,
+            geom,
+            epi,
+            res,
+            out_f,
+            out_q,
+            ch * total // chunks,
+            (ch + 1) * total // chunks,
+        )
 
 
 @njit(cache=True)
-def conv2d_grouped_u8s8(x, zx, wt, wsum, groups, kh, kw, sh, sw, ph, pw, dh, dw, scale, bias,
-                        res, act, lo, hi, sy, zy, quant, out_f, out_q, nthreads=1):
+def conv2d_grouped_u8s8(
+    x,
+    zx,
+    wt,
+    wsum,
+    groups,
+    kh,
+    kw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    scale,
+    bias,
+    res,
+    act,
+    lo,
+    hi,
+    sy,
+    zy,
+    quant,
+    out_f,
+    out_q,
+    nthreads=1,
+):
     """Integer grouped conv2d (depthwise when C/groups == 1, any channel multiplier) of uint8
     NCHW ``x`` with taps ``wt`` from :func:`pack_grouped_weight`; the epilogue and outputs of
     :func:`conv2d_u8s8`. (image, group) tasks are shared out among ``nthreads``."""

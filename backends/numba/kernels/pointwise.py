@@ -38,25 +38,27 @@ def _pointwise_tile(nch: int, nvec: int):
     (+ res[ri + j * ldr + q] if has_res), lo, hi)`` for q < nvec * VEC, j < min(nch, nc)."""
 
     @intrinsic
-    def tile(typingctx, out, oi, ldo, res, ri, ldr, has_res, x, xi, ldx, n, w, wi, bias, ci, lo,
-             hi, nc):
+    def tile(
+        typingctx, out, oi, ldo, res, ri, ldr, has_res, x, xi, ldx, n, w, wi, bias, ci, lo, hi, nc
+    ):
         i, f = types.intp, types.float32
         sig = types.void(out, i, i, res, i, i, i, x, i, i, i, w, i, bias, i, f, f, i)
 
         def codegen(context, builder, signature, args):
-            (out, oi, ldo, res, ri, ldr, has_res, x, xi, ldx, n, w, wi, bias, ci, lo, hi,
-             nc) = args
+            (out, oi, ldo, res, ri, ldr, has_res, x, xi, ldx, n, w, wi, bias, ci, lo, hi, nc) = args
             aty = signature.args
 
             def data(k, value):
                 return context.make_array(aty[k])(context, builder, value).data
 
-            outp, resp, xpp, wp, biasp = (data(k, v) for k, v in (
-                (0, out), (3, res), (7, x), (11, w), (13, bias)))
+            outp, resp, xpp, wp, biasp = (
+                data(k, v) for k, v in ((0, out), (3, res), (7, x), (11, w), (13, bias))
+            )
             vt = ir.VectorType(ir.FloatType(), VEC)
             i32, idx = ir.IntType(32), n.type
             fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{VEC}f32")
+                builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{VEC}f32"
+            )
             undef = ir.Constant(vt, ir.Undefined)
             zeros32 = ir.Constant(ir.VectorType(i32, VEC), [0] * VEC)
 
@@ -72,15 +74,17 @@ def _pointwise_tile(nch: int, nvec: int):
 
             def step(k, flat):
                 xrow = builder.mul(k, ldx)
-                xv = [builder.load(vptr(xbase, builder.add(xrow, ir.Constant(idx, v * VEC))),
-                                   align=4) for v in range(nvec)]
+                xv = [
+                    builder.load(vptr(xbase, builder.add(xrow, ir.Constant(idx, v * VEC))), align=4)
+                    for v in range(nvec)
+                ]
                 wrow = builder.mul(k, ir.Constant(idx, LANES))
                 new = []
                 for j in range(nch):
-                    wv = splat(builder.load(builder.gep(wbase, [builder.add(
-                        wrow, ir.Constant(idx, j))])))
-                    new += [builder.call(fma, [wv, xv[v], flat[j * nvec + v]])
-                            for v in range(nvec)]
+                    wv = splat(
+                        builder.load(builder.gep(wbase, [builder.add(wrow, ir.Constant(idx, j))]))
+                    )
+                    new += [builder.call(fma, [wv, xv[v], flat[j * nvec + v]]) for v in range(nvec)]
                 return new
 
             flat = reduction_loop(builder, n, [zero] * (nch * nvec), step)
@@ -88,10 +92,12 @@ def _pointwise_tile(nch: int, nvec: int):
             lov, hiv = splat(lo), splat(hi)
             use_res = builder.icmp_signed("!=", has_res, ir.Constant(idx, 0))
             for j in range(nch):
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(idx, j), nc),
-                                     likely=True):
-                    bv = splat(builder.load(builder.gep(biasp, [builder.add(
-                        ci, ir.Constant(idx, j))])))
+                with builder.if_then(
+                    builder.icmp_signed("<", ir.Constant(idx, j), nc), likely=True
+                ):
+                    bv = splat(
+                        builder.load(builder.gep(biasp, [builder.add(ci, ir.Constant(idx, j))]))
+                    )
                     orow = builder.add(oi, builder.mul(ldo, ir.Constant(idx, j)))
                     rrow = builder.add(ri, builder.mul(ldr, ir.Constant(idx, j)))
                     for v in range(nvec):
@@ -142,8 +148,26 @@ def _pointwise_tasks(x, packed, bias, res, out, lo, hi, act, alo, ahi, q0, q1):
             for co in range(0, o, PW_CH):
                 wi = co // LANES * c * LANES + co % LANES
                 chan = (ni * o + co) * npix
-                _pw_tile(outf, chan + p, npix, resf, chan + p, npix, has_res, xf, xi + p, npix,
-                         c, wf, wi, bias, co, lo, hi, o - co)
+                _pw_tile(
+                    outf,
+                    chan + p,
+                    npix,
+                    resf,
+                    chan + p,
+                    npix,
+                    has_res,
+                    xf,
+                    xi + p,
+                    npix,
+                    c,
+                    wf,
+                    wi,
+                    bias,
+                    co,
+                    lo,
+                    hi,
+                    o - co,
+                )
         if m:  # the last, partial tile, on scratch copies of its columns
             for k in range(c):
                 xs[k * PW_TILE : k * PW_TILE + m] = x[ni, k, full:q1]
@@ -153,8 +177,26 @@ def _pointwise_tasks(x, packed, bias, res, out, lo, hi, act, alo, ahi, q0, q1):
                 if has_res:
                     for j in range(nc):
                         rs[j * PW_TILE : j * PW_TILE + m] = res[ni, co + j, full:q1]
-                _pw_tile(os_, 0, PW_TILE, rs, 0, PW_TILE, has_res, xs, 0, PW_TILE, c, wf, wi,
-                         bias, co, lo, hi, nc)
+                _pw_tile(
+                    os_,
+                    0,
+                    PW_TILE,
+                    rs,
+                    0,
+                    PW_TILE,
+                    has_res,
+                    xs,
+                    0,
+                    PW_TILE,
+                    c,
+                    wf,
+                    wi,
+                    bias,
+                    co,
+                    lo,
+                    hi,
+                    nc,
+                )
                 for j in range(nc):
                     out[ni, co + j, full:q1] = os_[j * PW_TILE : j * PW_TILE + m]
         if act != NONE and act != RELU and act != CLIP:
