@@ -1,7 +1,8 @@
-"""Op-by-op cases of the quantization ops, shared by the backend tests (ONNX, numba, torch).
+"""Op-by-op cases of the quantization ops, in the backend conformance suite's op table
+(tests/backends/cases.py).
 
-``QDQ_CASES``: op -> list of (attrs, input shapes, constants, inputs or None), the format of the
-ONNX and numba tests; :func:`torch_cases` gives the same cases in the torch test's format.
+``QDQ_CASES``: op -> list of (attrs, input shapes, constants, inputs or None); inputs of None are
+drawn standard-normal in the given shapes.
 """
 
 from __future__ import annotations
@@ -28,31 +29,43 @@ QDQ_CASES: dict[str, list] = {
         (
             {"axis": 1, "block_size": 4},
             [(3, 8)],
-            (np.abs(_rng.standard_normal((3, 2))).astype(f32) / 50 + 0.01, _ints(i8, 3, 2, low=-5, high=5)),
+            (
+                np.abs(_rng.standard_normal((3, 2))).astype(f32) / 50 + 0.01,
+                _ints(i8, 3, 2, low=-5, high=5),
+            ),
             None,
         ),
         # halves round to even; 200 saturates to 127
         ({}, [(9,)], (np.array(1.0, f32), np.array(0, i8)), [TIES]),
     ],
     "dequantize_linear": [
-        ({}, [], (_ints(u8, 2, 3, 4, low=0, high=256), np.array(0.05, f32), np.array(100, u8)), None),
-        ({"axis": 0}, [], (_ints(i8, 4, 3, 3, 3), np.linspace(0.01, 0.04, 4, dtype=f32),
-                           np.zeros(4, i8)), None),
-        ({"axis": 0}, [], (_ints(i32, 5, low=-10**6, high=10**6), np.full(5, 1e-4, f32),
-                           np.zeros(5, i32)), None),
-        ({"axis": 1, "block_size": 4}, [], (_ints(i8, 3, 8, low=-8, high=8),
-                                            np.linspace(0.1, 0.6, 6, dtype=f32).reshape(3, 2),
-                                            _ints(i8, 3, 2, low=-2, high=2)), None),
+        (
+            {},
+            [],
+            (_ints(u8, 2, 3, 4, low=0, high=256), np.array(0.05, f32), np.array(100, u8)),
+            None,
+        ),
+        (
+            {"axis": 0},
+            [],
+            (_ints(i8, 4, 3, 3, 3), np.linspace(0.01, 0.04, 4, dtype=f32), np.zeros(4, i8)),
+            None,
+        ),
+        (
+            {"axis": 0},
+            [],
+            (_ints(i32, 5, low=-(10**6), high=10**6), np.full(5, 1e-4, f32), np.zeros(5, i32)),
+            None,
+        ),
+        (
+            {"axis": 1, "block_size": 4},
+            [],
+            (
+                _ints(i8, 3, 8, low=-8, high=8),
+                np.linspace(0.1, 0.6, 6, dtype=f32).reshape(3, 2),
+                _ints(i8, 3, 2, low=-2, high=2),
+            ),
+            None,
+        ),
     ],
 }
-
-
-def torch_cases() -> dict[str, tuple]:
-    """The cases as ``case id -> (op, arrays, attrs, constant positions)``."""
-    out = {}
-    for op, cases in QDQ_CASES.items():
-        for i, (attrs, shapes, consts, inputs) in enumerate(cases):
-            xs = inputs or [_rng.standard_normal(s).astype(f32) for s in shapes]
-            arrays = [*xs, *consts]
-            out[f"{op}-{i}"] = (op, arrays, attrs, tuple(range(len(xs), len(arrays))))
-    return out

@@ -42,8 +42,15 @@ def layer_case(rng, xshape, wshape):
 def reference(x, zx, w, scale, bias, res, act, requant, **geometry):
     """conv2d of the zero-point-shifted integers (exact in float64), then the kernels' epilogue
     in float32: ``act(acc * scale + bias + res)``, requantized to uint8 when ``requant``."""
-    acc = conv2d(x.astype(np.float64) - zx, w.astype(np.float64), None, None, activation=None,
-                 activation_attrs=None, **geometry).astype(np.int64)
+    acc = conv2d(
+        x.astype(np.float64) - zx,
+        w.astype(np.float64),
+        None,
+        None,
+        activation=None,
+        activation_attrs=None,
+        **geometry,
+    ).astype(np.int64)
     v = acc.astype(f32) * scale[None, :, None, None] + bias[None, :, None, None]
     if res is not None:
         v = v + res
@@ -66,19 +73,42 @@ def assert_close(got, want):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def run_grouped(x, zx, w, scale, bias, res, act, requant, groups, stride, padding, dilation,
-                nthreads=1):
+def run_grouped(
+    x, zx, w, scale, bias, res, act, requant, groups, stride, padding, dilation, nthreads=1
+):
     n, o = x.shape[0], w.shape[0]
-    out = [conv_out_size(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i])
-           for i in range(2)]
+    out = [
+        conv_out_size(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i])
+        for i in range(2)
+    ]
     taps, wsum = pack_grouped_weight(w)
     none_f, none_q = np.empty((0,) * 4, f32), np.empty((0,) * 4, np.uint8)
     out_f = none_f if requant else np.empty((n, o, *out), f32)
     out_q = np.empty((n, o, *out), np.uint8) if requant else none_q
     sy, zy = requant or (1.0, 0.0)
-    conv2d_grouped_u8s8(x, zx, taps, wsum, groups, *w.shape[2:], *stride, *padding, *dilation,
-                        scale, bias, none_f if res is None else res, act, 0.0, 6.0, f32(sy),
-                        f32(zy), requant is not None, out_f, out_q, nthreads)
+    conv2d_grouped_u8s8(
+        x,
+        zx,
+        taps,
+        wsum,
+        groups,
+        *w.shape[2:],
+        *stride,
+        *padding,
+        *dilation,
+        scale,
+        bias,
+        none_f if res is None else res,
+        act,
+        0.0,
+        6.0,
+        f32(sy),
+        f32(zy),
+        requant is not None,
+        out_f,
+        out_q,
+        nthreads,
+    )
     return out_q if requant else out_f
 
 
@@ -112,8 +142,9 @@ def test_grouped_conv_without_bias_and_with_a_zero_point_padding_matches():
     rng = np.random.default_rng(5)
     x, w, scale, _ = layer_case(rng, (1, 4, 5, 5), (4, 1, 3, 3))
     x[:] = 200  # every input is the zero point: the output is exactly act(0)
-    got = run_grouped(x, 200, w, scale, np.empty(0, f32), None, NONE, None, 4, (1, 1), (1, 1),
-                      (1, 1))
+    got = run_grouped(
+        x, 200, w, scale, np.empty(0, f32), None, NONE, None, 4, (1, 1), (1, 1), (1, 1)
+    )
     np.testing.assert_array_equal(got, np.zeros_like(got))
 
 
@@ -143,8 +174,35 @@ def test_threaded_conv_and_linear_are_the_one_thread_result():
     outs = []
     for nthreads in (1, 2):
         out = np.empty((2, 40, 33, 32), f32)
-        conv2d_u8s8(x, 5, packed, wsum, k4, o16, 40, 3, 3, 1, 1, 1, 1, 1, 1, scale, bias, res,
-                    RELU, 0.0, 0.0, f32(1), f32(0), False, out, none_q, nthreads)
+        conv2d_u8s8(
+            x,
+            5,
+            packed,
+            wsum,
+            k4,
+            o16,
+            40,
+            3,
+            3,
+            1,
+            1,
+            1,
+            1,
+            1,
+            1,
+            scale,
+            bias,
+            res,
+            RELU,
+            0.0,
+            0.0,
+            f32(1),
+            f32(0),
+            False,
+            out,
+            none_q,
+            nthreads,
+        )
         outs.append(out)
     np.testing.assert_array_equal(*outs)
     assert_close(outs[1], reference(x, 5, w, scale, bias, res, RELU, None, **geometry))
@@ -159,8 +217,27 @@ def test_threaded_conv_and_linear_are_the_one_thread_result():
     outs = []
     for nthreads in (1, 2):
         out = np.empty((4, 2050), np.uint8)
-        linear_u8s8(a, 9, packed, wsum, k4, o16, 2050, sl, bl, np.empty((0, 0), f32), NONE,
-                    0.0, 0.0, f32(0.1), f32(100), True, np.empty((0, 0), f32), out, nthreads)
+        linear_u8s8(
+            a,
+            9,
+            packed,
+            wsum,
+            k4,
+            o16,
+            2050,
+            sl,
+            bl,
+            np.empty((0, 0), f32),
+            NONE,
+            0.0,
+            0.0,
+            f32(0.1),
+            f32(100),
+            True,
+            np.empty((0, 0), f32),
+            out,
+            nthreads,
+        )
         outs.append(out)
     np.testing.assert_array_equal(*outs)
     assert_close(outs[1], want)
@@ -204,8 +281,9 @@ def test_numba_runs_quantized_depthwise_convs_in_the_integer_kernel():
     assert compiled.source.count("KQ.conv2d_grouped_u8s8(") == 2
     assert compiled.source.count("KQ.conv2d_u8s8(") == 2
     assert "KC.conv2d_depthwise(" not in compiled.source
-    assert not any(a.dtype == np.float32 and a.ndim == 4 for a in compiled.weights.values()
-                   if a.size > 1), "float copies of the int8 conv weights are not kept"
+    assert not any(
+        a.dtype == np.float32 and a.ndim == 4 for a in compiled.weights.values() if a.size > 1
+    ), "float copies of the int8 conv weights are not kept"
     for i in range(3):
         x = calib[i : i + 1]
         (want,) = run(q, [x])

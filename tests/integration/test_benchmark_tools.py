@@ -16,11 +16,17 @@ def square_or_die(n: int) -> int:
 
 
 def test_a_killed_worker_fails_only_its_item():
-    results = {item: (status, value) for item, status, value in map_isolated(square_or_die, range(6))}
+    results = {
+        item: (status, value) for item, status, value in map_isolated(square_or_die, range(6))
+    }
     assert results[2][0] == "died" and "SIGKILL" in results[2][1]
     assert results[3] == ("error", "ValueError: bad model")
     assert {k: v for k, v in results.items() if k not in (2, 3)} == {
-        0: ("ok", 0), 1: ("ok", 1), 4: ("ok", 16), 5: ("ok", 25)}
+        0: ("ok", 0),
+        1: ("ok", 1),
+        4: ("ok", 16),
+        5: ("ok", 25),
+    }
 
 
 def test_layer_benchmark_runs_a_fused_layer_in_both_backends():

@@ -11,13 +11,26 @@ import pytest
 
 from compiler.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_compress_writes_onnx_and_prints_report(tmp_path, capsys):
     out_dir = tmp_path / "new" / "folder"  # created on demand
-    code = main(["compress", "torchvision:squeezenet1_1", "--passes", "fuse", "--emit", "onnx",
-                 "--out", str(out_dir), "--input-shape", "1,3,64,64", "--json"])
+    code = main(
+        [
+            "compress",
+            "torchvision:squeezenet1_1",
+            "--passes",
+            "fuse",
+            "--emit",
+            "onnx",
+            "--out",
+            str(out_dir),
+            "--input-shape",
+            "1,3,64,64",
+            "--json",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "fold-batch-norm" in out and "max dev" in out
@@ -33,8 +46,18 @@ def test_cli_user_factory_and_torch_emit(tmp_path, capsys, monkeypatch):
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    code = main(["compress", "mynet:make", "--emit", "torch", "--out", str(tmp_path / "o"),
-                 "--input-shape", "1,3,8,8"])
+    code = main(
+        [
+            "compress",
+            "mynet:make",
+            "--emit",
+            "torch",
+            "--out",
+            str(tmp_path / "o"),
+            "--input-shape",
+            "1,3,8,8",
+        ]
+    )
     assert code == 0
     assert (tmp_path / "o" / "make.pt").exists()
 
@@ -57,8 +80,13 @@ def test_cli_lists(capsys):
 
 def test_console_script_entry_point():
     # the installed `slimgraph` script calls compiler.cli:main; run the module the same way
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "passes"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compiler.cli", "passes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "remove-noops" in proc.stdout
 
 
@@ -98,8 +126,9 @@ def test_example_prune_resnet56(tmp_path):
 
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         pytest.skip(f"no CIFAR data under {cifar.data_dir()} (set SLIMGRAPH_DATA)")
-    final, accuracy = load_example("prune_resnet56").main(epochs=0.02, out_dir=str(tmp_path),
-                                                          images=200)
+    final, accuracy = load_example("prune_resnet56").main(
+        epochs=0.02, out_dir=str(tmp_path), images=200
+    )
     assert (tmp_path / "resnet56_pruned.onnx").exists()
     assert 10 < accuracy <= 100  # a tiny fine-tune: well above chance, checked end to end
     from compiler.report import graph_stats
@@ -108,8 +137,18 @@ def test_example_prune_resnet56(tmp_path):
 
 
 def test_cli_pass_options(tmp_path, capsys):
-    code = main(["compress", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--out",
-                 str(tmp_path), "--passes", "prune-channels(ratio=0.25, round_to=8),fuse"])
+    code = main(
+        [
+            "compress",
+            "torchvision:resnet18",
+            "--input-shape",
+            "1,3,32,32",
+            "--out",
+            str(tmp_path),
+            "--passes",
+            "prune-channels(ratio=0.25, round_to=8),fuse",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "prune-channels(ratio=0.25, round_to=8)" in out
     assert main(["compress", "torchvision:resnet18", "--passes", "prune-channels(ratio=2)"]) == 2

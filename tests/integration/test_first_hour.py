@@ -15,7 +15,7 @@ import torch
 
 from compiler.api import compile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FACTORY = (
     "import torch\n"
@@ -30,8 +30,9 @@ def _run_in_pty(argv: list[str], cwd: Path, env: dict, timeout: float = 240.0) -
     leader, follower = pty.openpty()
     # a real terminal has a size (a new pty is 0x0, on which tqdm draws an empty bar)
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=follower, stdout=follower,
-                            stderr=follower, close_fds=True)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=follower, stdout=follower, stderr=follower, close_fds=True
+    )
     os.close(follower)
     chunks, deadline = [], time.monotonic() + timeout
     try:
@@ -59,12 +60,26 @@ def test_first_hour_1_cli_runs_in_a_pseudo_terminal(tmp_path):
     # The README's command crashed in every real terminal (`if bar` on a tqdm without a total)
     # while piped runs, and so the tests, passed: run the console entry on a pty.
     (tmp_path / "mynet.py").write_text(FACTORY)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
-           "TERM": "xterm"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "TERM": "xterm"}
     code, out = _run_in_pty(
-        [sys.executable, "-m", "compiler.cli", "compress", "mynet:make", "--passes", "fuse",
-         "--emit", "onnx", "--out", str(tmp_path / "build"), "--input-shape", "1,3,8,8"],
-        cwd=tmp_path, env=env)
+        [
+            sys.executable,
+            "-m",
+            "compiler.cli",
+            "compress",
+            "mynet:make",
+            "--passes",
+            "fuse",
+            "--emit",
+            "onnx",
+            "--out",
+            str(tmp_path / "build"),
+            "--input-shape",
+            "1,3,8,8",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert code == 0, out
     assert "Traceback" not in out, out
     assert "passes:" in out  # the bar was drawn on the terminal

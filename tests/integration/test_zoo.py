@@ -7,10 +7,27 @@ import pytest
 from benchmarks.harness.zoo import check_model, zoo_names
 
 FAMILIES = [
-    "alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
-    "googlenet", "inception_v3", "squeezenet1_0", "shufflenet_v2_x0_5", "mobilenet_v2",
-    "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s", "regnet_y_400mf",
-    "convnext_tiny", "swin_t", "swin_v2_t", "vit_b_32", "maxvit_t",
+    "alexnet",
+    "vgg11_bn",
+    "resnet18",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "densenet121",
+    "googlenet",
+    "inception_v3",
+    "squeezenet1_0",
+    "shufflenet_v2_x0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mnasnet0_5",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "swin_t",
+    "swin_v2_t",
+    "vit_b_32",
+    "maxvit_t",
 ]
 
 
@@ -44,9 +61,18 @@ def test_zoo_model(name):
 
 
 PRUNE_FAMILIES = [
-    "resnet18", "densenet121", "googlenet", "squeezenet1_0", "shufflenet_v2_x0_5",
-    "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny",
-    "swin_t", "vit_b_32",
+    "resnet18",
+    "densenet121",
+    "googlenet",
+    "squeezenet1_0",
+    "shufflenet_v2_x0_5",
+    "mobilenet_v3_small",
+    "mnasnet0_5",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "swin_t",
+    "vit_b_32",
 ]
 
 

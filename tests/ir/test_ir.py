@@ -23,7 +23,9 @@ def small_graph():
 
 
 def test_golden_print():
-    assert str(small_graph()) == """graph small(
+    assert (
+        str(small_graph())
+        == """graph small(
     %x: float32[1,3,8,8],
 ) {
   $w: float32[4,3,3,3]
@@ -33,6 +35,7 @@ def test_golden_print():
   %flat: float32[1,4] = reshape(%pool) {shape=[1, 4]}
   return %flat
 }"""
+    )
 
 
 def test_use_lists_follow_rewiring():

@@ -34,8 +34,9 @@ def conv_graph(cin=8, cout=12, k=3, groups=1, epilogue=True, size=(9, 10), **att
     x = g.add_input("x", (2, cin, *size))
     inputs = [x, const(g, (cout, cin // groups, k, k), "w"), const(g, (cout,), "b")]
     act = {"activation": "relu"} if epilogue else {}
-    node = g.add_node("conv2d", inputs, {"groups": groups, **act, **attrs}, name="c",
-                      meta={"source": "m.c"})
+    node = g.add_node(
+        "conv2d", inputs, {"groups": groups, **act, **attrs}, name="c", meta={"source": "m.c"}
+    )
     if epilogue:
         node.set_inputs([*inputs, g.add_input("res", node.outputs[0].shape)])
     g.outputs = [node.outputs[0]]
@@ -65,15 +66,25 @@ def inputs_for(g: Graph, seed=1):
 def test_golden_channel_conv_and_linear():
     g = Graph("tiny")
     x = g.add_input("x", (1, 4, 6, 6))
-    c = g.add_node("conv2d", [x, const(g, (8, 4, 3, 3), "w"), const(g, (8,), "b")],
-                   {"padding": (1, 1), "stride": (2, 2), "activation": "relu"}, name="conv",
-                   meta={"source": "net.conv"})
+    c = g.add_node(
+        "conv2d",
+        [x, const(g, (8, 4, 3, 3), "w"), const(g, (8,), "b")],
+        {"padding": (1, 1), "stride": (2, 2), "activation": "relu"},
+        name="conv",
+        meta={"source": "net.conv"},
+    )
     flat = g.add_node("reshape", [c.outputs[0]], {"shape": (1, 72)}, name="flat")
-    fc = g.add_node("linear", [flat.outputs[0], const(g, (10, 72), "fc.w")], name="fc",
-                    meta={"source": "net.fc"})
+    fc = g.add_node(
+        "linear",
+        [flat.outputs[0], const(g, (10, 72), "fc.w")],
+        name="fc",
+        meta={"source": "net.fc"},
+    )
     g.outputs = [fc.outputs[0]]
     out = factorize(g, rank=3, form="channel")
-    assert str(out) == """graph tiny(
+    assert (
+        str(out)
+        == """graph tiny(
     %x: float32[1,4,6,6],
 ) {
   $w_f1: float32[3,4,3,3]
@@ -87,7 +98,8 @@ def test_golden_channel_conv_and_linear():
   %fc_f1: float32[1,3] = linear(%flat, $fc.w_f1)
   %fc_f2: float32[1,10] = linear(%fc_f1, $fc.w_f2)
   return %fc_f2
-}"""  # noqa: E501
+}"""
+    )  # noqa: E501
     assert [n.source for n in out.nodes if n.op != "reshape"] == ["net.conv"] * 2 + ["net.fc"] * 2
     assert out.node("conv_f2").meta["factorized"] == "channel 3"
 
@@ -98,7 +110,9 @@ def test_golden_spatial_and_tucker2_chains():
     convs = [n for n in spatial.nodes if n.op == "conv2d"]
     assert [n.inputs[1].shape for n in convs] == [(5, 8, 3, 1), (12, 5, 1, 3)]
     assert [(n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"]) for n in convs] == [
-        ((2, 1), (1, 0), (1, 1)), ((1, 1), (0, 2), (1, 2))]
+        ((2, 1), (1, 0), (1, 1)),
+        ((1, 1), (0, 2), (1, 2)),
+    ]
     tucker = factorize(g, rank=4, form="tucker2")
     assert [n.inputs[1].shape for n in tucker.nodes] == [(4, 8, 1, 1), (4, 4, 3, 3), (12, 4, 1, 1)]
     assert tucker.nodes[-1].inputs[2] is not None and tucker.nodes[0].inputs[2:] == ()
@@ -125,8 +139,11 @@ def test_full_rank_is_exact(form, case, epilogue):
     done = out.meta["factorization"]["layers"]
     grouped = CONVS[case].get("groups", 1) > 1
     k = CONVS[case].get("k", 3)
-    expect_c = form in ("channel", "auto") or (form == "tucker2" and not grouped) or (
-        form == "spatial" and not grouped and k > 1)
+    expect_c = (
+        form in ("channel", "auto")
+        or (form == "tucker2" and not grouped)
+        or (form == "spatial" and not grouped and k > 1)
+    )
     assert ("c" in done) == expect_c, done
     if expect_c and form != "auto":
         assert done["c"].startswith(form)
@@ -139,8 +156,12 @@ def test_linear_full_rank_is_exact_with_epilogue(shape):
     g = Graph("lin")
     x = g.add_input("x", shape)
     res = g.add_input("res", (*shape[:-1], 16))
-    g.add_node("linear", [x, const(g, (16, 20), "w"), const(g, (16,), "b"), res],
-               {"activation": "gelu"}, name="fc")
+    g.add_node(
+        "linear",
+        [x, const(g, (16, 20), "w"), const(g, (16,), "b"), res],
+        {"activation": "gelu"},
+        name="fc",
+    )
     g.outputs = [g.nodes[-1].outputs[0]]
     out = factorize(g, energy=1.0, require_saving=False)
     assert out.meta["factorization"]["layers"] == {"fc": "channel 16"}
@@ -153,8 +174,10 @@ def test_error_does_not_grow_with_rank(form):
     g = conv_graph(cin=16, cout=16, epilogue=False, padding=(1, 1), size=(8, 8))
     x = inputs_for(g)
     full = 48 if form == "spatial" else 16  # min(C_in * kh, C_out * kw) vs min(C_out, C_in)
-    errors = [rel_error(g, factorize(g, rank=r * full // 16, form=form, require_saving=False), x)
-              for r in (1, 2, 4, 8, 12, 16)]
+    errors = [
+        rel_error(g, factorize(g, rank=r * full // 16, form=form, require_saving=False), x)
+        for r in (1, 2, 4, 8, 12, 16)
+    ]
     assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
     assert errors[0] > 0.3 and errors[-1] < 1e-5
 
@@ -189,8 +212,9 @@ def test_random_graphs_factorize_exactly_at_full_rank_and_verify(case):
 # -- rank selection --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,rank,noise", [((60, 100), 5, 0.1), ((64, 576), 12, 0.05),
-                                              ((200, 80), 20, 0.3)])
+@pytest.mark.parametrize(
+    "shape,rank,noise", [((60, 100), 5, 0.1), ((64, 576), 12, 0.05), ((200, 80), 20, 0.3)]
+)
 def test_evbmf_recovers_the_true_rank(shape, rank, noise):
     rng = np.random.default_rng(rank)
     y = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
@@ -209,8 +233,9 @@ def test_evbmf_mode_on_a_low_rank_layer():
     w.data = (low + 0.01 * rng.standard_normal(low.shape)).reshape(24, 16, 3, 3).astype(np.float32)
     out = factorize(g, evbmf=True, form="channel")
     assert out.meta["factorization"]["layers"] == {"c": "channel 4"}
-    assert factorize(g, evbmf=True, form="channel", round_to=8).meta["factorization"][
-        "layers"] == {"c": "channel 8"}
+    assert factorize(g, evbmf=True, form="channel", round_to=8).meta["factorization"]["layers"] == {
+        "c": "channel 8"
+    }
 
 
 class Net(nn.Module):
@@ -355,8 +380,12 @@ def test_factorized_model_runs_in_backends(fuse):
 
 
 def test_pass_spec_through_compile():
-    compiled = compile(net_graph(), torch.randn(1, 3, 16, 16),
-                       passes=["factorize-rank(energy=0.9, round_to=4)"], backend="onnx")
+    compiled = compile(
+        net_graph(),
+        torch.randn(1, 3, 16, 16),
+        passes=["factorize-rank(energy=0.9, round_to=4)"],
+        backend="onnx",
+    )
     row = compiled.report.rows[-1]
     assert row.name == "factorize-rank(energy=0.9, round_to=4)" and row.changed
     assert row.macs < compiled.report.rows[0].macs
@@ -402,8 +431,9 @@ def test_zoo_models_factorize_and_run(name):
 def test_compile_hands_calibration_data_to_the_pass():
     g = net_graph()
     images = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)
-    via_compile = compile(g, images[:1], passes=["factorize-rank(target=0.6)"],
-                          calibration_data=images).graph
+    via_compile = compile(
+        g, images[:1], passes=["factorize-rank(target=0.6)"], calibration_data=images
+    ).graph
     direct = factorize(g, target=0.6, calibration_data=[images])
     plain = factorize(g, target=0.6)
     assert via_compile.meta["factorization"] == direct.meta["factorization"]

@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from graph_strategies import graphs_with_inputs, random_inputs
 from hypothesis import HealthCheck, given, settings
 
 from compiler.errors import OptionError
@@ -16,6 +15,7 @@ from compiler.ir.graph import Graph, Value
 from compiler.pass_manager import PASSES, PRESETS, PassManager, resolve_passes
 from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveNoops
 from passes.fusion import FoldBatchNorm, FuseActivations, FuseResidualAdd
+from tests.graph_strategies import graphs_with_inputs, random_inputs
 
 RNG = np.random.default_rng(0)
 

@@ -57,7 +57,9 @@ def test_golden_prune_small_chain():
     c2 = g.add_node("conv2d", [c1.outputs[0], w2], name="c2")
     g.outputs = [c2.outputs[0]]
     PassManager(passes=[PruneChannels(ratio=0.5, criterion="l1")]).run(g)
-    assert str(g) == """graph chain(
+    assert (
+        str(g)
+        == """graph chain(
     %x: float32[1,2,4,4],
 ) {
   $w1: float32[2,2,1,1]
@@ -66,6 +68,7 @@ def test_golden_prune_small_chain():
   %c2: float32[1,3,4,4] = conv2d(%c1, $w2) {dilation=[1, 1], groups=1, padding=[0, 0], stride=[1, 1]}
   return %c2
 }"""
+    )
     assert g.meta["pruning"]["mask_deviation"] <= 1e-4
 
 
@@ -73,8 +76,13 @@ class Residual(nn.Module):
     def __init__(self, c=8):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.a = nn.Sequential(nn.Conv2d(c, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-                               nn.Conv2d(12, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.a = nn.Sequential(
+            nn.Conv2d(c, 12, 3, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.Conv2d(12, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+        )
         self.b = nn.Sequential(nn.Conv2d(c, 6, 1), nn.ReLU(), nn.Conv2d(6, c, 1))
         self.head = nn.Linear(c, 5)
 
@@ -182,13 +190,15 @@ def test_random_graphs_prune_verify_and_prove(case):
         assert run(pruned, inputs)[0].shape == graph.outputs[0].shape
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "random", "activation", "apoz", "di",
-                                       "taylor"])
+@pytest.mark.parametrize(
+    "criterion", ["l1", "l2", "fpgm", "random", "activation", "apoz", "di", "taylor"]
+)
 def test_criteria_run(criterion):
     g = traced(Residual(), 2, 3, 8, 8)
     data = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    pruned = prune(g, ratio=0.5, criterion=criterion, calibration_data=data,
-                   labels=np.array([0, 1, 0, 1]))
+    pruned = prune(
+        g, ratio=0.5, criterion=criterion, calibration_data=data, labels=np.array([0, 1, 0, 1])
+    )
     assert sizes(pruned) == [3, 4, 6]
 
 
@@ -243,8 +253,9 @@ def test_pruned_model_runs_in_backends(backend):
     compiled = compile(model, x, passes=["fuse", PruneChannels(ratio=0.5)], backend=backend)
     out = compiled(x)
     assert out.shape == (1, 5)
-    np.testing.assert_allclose(out.numpy(), run(compiled.graph, [x.numpy()])[0], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out.numpy(), run(compiled.graph, [x.numpy()])[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_compile_hands_its_calibration_data_to_a_data_driven_criterion():

@@ -87,25 +87,30 @@ def quantized(graph: Graph, calib: np.ndarray, **options) -> Graph:
 
 def test_quantize_rounds_half_to_even_and_saturates():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 200.0, -200.0], np.float32)
-    q = quantize_linear(x, np.array(1.0, np.float32), np.array(0, np.int8),
-                        axis=1, block_size=0, bits=8)
+    q = quantize_linear(
+        x, np.array(1.0, np.float32), np.array(0, np.int8), axis=1, block_size=0, bits=8
+    )
     assert q.dtype == np.int8
     assert q.tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -128]
-    u = quantize_linear(x, np.array(0.5, np.float32), np.array(10, np.uint8),
-                        axis=1, block_size=0, bits=8)
+    u = quantize_linear(
+        x, np.array(0.5, np.float32), np.array(10, np.uint8), axis=1, block_size=0, bits=8
+    )
     assert u.tolist() == [11, 13, 15, 9, 7, 5, 255, 255, 0]
-    four = quantize_linear(x, np.array(1.0, np.float32), np.array(0, np.int8),
-                           axis=1, block_size=0, bits=4)
+    four = quantize_linear(
+        x, np.array(1.0, np.float32), np.array(0, np.int8), axis=1, block_size=0, bits=4
+    )
     assert four.tolist() == [0, 2, 2, 0, -2, -2, 7, 7, -8]
 
 
 def test_dequantize_per_axis_and_per_block():
     q = np.array([[1, -2, 3, -4], [5, 6, -7, 8]], np.int8)
-    per_axis = dequantize_linear(q, np.array([0.5, 2.0], np.float32), np.array([1, 0], np.int8),
-                                 axis=0, block_size=0, bits=8)
+    per_axis = dequantize_linear(
+        q, np.array([0.5, 2.0], np.float32), np.array([1, 0], np.int8), axis=0, block_size=0, bits=8
+    )
     np.testing.assert_array_equal(per_axis, [[0, -1.5, 1, -2.5], [10, 12, -14, 16]])
-    blocks = dequantize_linear(q, np.array([[1.0, 0.5], [2.0, 0.25]], np.float32), None,
-                               axis=1, block_size=2, bits=8)
+    blocks = dequantize_linear(
+        q, np.array([[1.0, 0.5], [2.0, 0.25]], np.float32), None, axis=1, block_size=2, bits=8
+    )
     np.testing.assert_array_equal(blocks, [[1, -2, 1.5, -2], [10, 12, -1.75, 2]])
 
 
@@ -348,8 +353,11 @@ def test_int4_weights_are_stored_packed_two_per_byte(tiny, calib, group_size):
     import onnx
 
     q = quantized(tiny, calib, weight_bits=4, group_size=group_size)
-    weights = [n for n in q.find("dequantize_linear") if n.inputs[0].is_constant
-               and n.inputs[0].dtype == "int8"]
+    weights = [
+        n
+        for n in q.find("dequantize_linear")
+        if n.inputs[0].is_constant and n.inputs[0].dtype == "int8"
+    ]
     assert weights and all(n.attrs["bits"] == 4 for n in weights)
     model = compile_onnx(q)  # opset 21 chosen for INT4
     assert model.model.opset_import[0].version == 21
@@ -358,9 +366,12 @@ def test_int4_weights_are_stored_packed_two_per_byte(tiny, calib, group_size):
     assert len(int4) == len(weights)
     for n in weights:
         t = stored[n.inputs[0].name]
-        assert t.data_type == onnx.TensorProto.INT4 and len(t.raw_data) == -(-n.inputs[0].numel // 2)
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t).astype(np.int8),
-                                      n.inputs[0].data)
+        assert t.data_type == onnx.TensorProto.INT4 and len(t.raw_data) == -(
+            -n.inputs[0].numel // 2
+        )
+        np.testing.assert_array_equal(
+            onnx.numpy_helper.to_array(t).astype(np.int8), n.inputs[0].data
+        )
     x = calib[:1]
     (sim,) = run(q, [x])
     assert deviation([sim], model.run(x)) < 0.02
@@ -502,10 +513,12 @@ def test_equalization_makes_int8_closer_on_an_imbalanced_net(calib):
     x = calib[:4]
     ref = [run(graph, [x[i : i + 1]])[0] for i in range(4)]
     plain = quantized(graph, calib)
-    equalized = compile(graph, passes=["equalize-cross-layer", Quantize()],
-                        calibration_data=calib, check=False).graph
-    dev = [deviation(ref, [run(g, [x[i : i + 1]])[0] for i in range(4)])
-           for g in (plain, equalized)]
+    equalized = compile(
+        graph, passes=["equalize-cross-layer", Quantize()], calibration_data=calib, check=False
+    ).graph
+    dev = [
+        deviation(ref, [run(g, [x[i : i + 1]])[0] for i in range(4)]) for g in (plain, equalized)
+    ]
     assert dev[1] < dev[0]
 
 
@@ -531,8 +544,9 @@ def test_mixed_precision_meets_its_budget_with_sensitive_layers_kept_wide(tiny, 
     layers = [n for n in tiny.nodes if n.op in ("conv2d", "linear")]
     errors = layer_sensitivity(tiny, layers, [calib[:16]], (8, 4, None), 0)
     assert all(e8 < e4 and e_float == 0.0 for e8, e4, e_float in errors)
-    result = compile(tiny, passes=[QuantizeMixed(average_bits=6)], calibration_data=calib,
-                     check=False).graph
+    result = compile(
+        tiny, passes=[QuantizeMixed(average_bits=6)], calibration_data=calib, check=False
+    ).graph
     meta = result.meta["mixed_precision"]
     assert meta["average_bits"] <= 6
     assert set(meta["bits"].values()) <= {8, 4, None} and 4 in meta["bits"].values()
@@ -574,8 +588,16 @@ def test_cli_quantizes_with_a_calibration_file(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((4, 3, 8, 8), np.float32))
-    argv = ["compress", "qmodel:net", "--passes", "fuse,quantize", "--input-shape", "1,3,8,8",
-            "--out", str(tmp_path)]
+    argv = [
+        "compress",
+        "qmodel:net",
+        "--passes",
+        "fuse,quantize",
+        "--input-shape",
+        "1,3,8,8",
+        "--out",
+        str(tmp_path),
+    ]
     assert main([*argv, "--calibration", str(tmp_path / "calib.npy")]) == 0
     assert "quantize: 2 layer(s) quantized" in capsys.readouterr().out
     assert (tmp_path / "net.onnx").exists()
@@ -593,8 +615,9 @@ def test_numba_runs_quantized_convs_and_linears_in_integer_kernels(tiny, calib, 
     model = compile_numba(q)
     assert model.source.count("KQ.conv2d_u8s8(") == 3 and model.source.count("KQ.linear_u8s8(") == 1
     assert model.source.count("KQ.add_u8(") == 1 and "K.unary(" not in model.source
-    assert not any(a.dtype == np.float32 and a.ndim == 4 for a in model.weights.values()
-                   if a.size > 1), "float copies of the int8 conv weights are not kept"
+    assert not any(
+        a.dtype == np.float32 and a.ndim == 4 for a in model.weights.values() if a.size > 1
+    ), "float copies of the int8 conv weights are not kept"
     x = calib[:2]
     for i in range(2):
         (sim,) = run(q, [x[i : i + 1]])
@@ -614,14 +637,49 @@ def test_numba_integer_conv_matches_the_reference_with_padding_stride_and_zero_p
     scale = rng.random(19).astype(np.float32) * 1e-3
     bias = rng.standard_normal(19).astype(np.float32)
     packed, wsum, k4, o16 = pack_weight(w)
-    want = conv2d(x.astype(np.float64) - 9, w.astype(np.float64), None, None, stride=(2, 1),
-                  padding=(1, 2), dilation=(1, 2), groups=1, activation=None,
-                  activation_attrs=None)
+    want = conv2d(
+        x.astype(np.float64) - 9,
+        w.astype(np.float64),
+        None,
+        None,
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=(1, 2),
+        groups=1,
+        activation=None,
+        activation_attrs=None,
+    )
     want = np.maximum(want * scale[None, :, None, None] + bias[None, :, None, None], 0)
     got = np.empty(want.shape, np.float32)
     none_f, none_q = np.empty((0,) * 4, np.float32), np.empty((0,) * 4, np.uint8)
-    conv2d_u8s8(x, 9, packed, wsum, k4, o16, 19, 3, 2, 2, 1, 1, 2, 1, 2, scale, bias, none_f,
-                RELU, 0.0, 0.0, np.float32(1), np.float32(0), False, got, none_q)
+    conv2d_u8s8(
+        x,
+        9,
+        packed,
+        wsum,
+        k4,
+        o16,
+        19,
+        3,
+        2,
+        2,
+        1,
+        1,
+        2,
+        1,
+        2,
+        scale,
+        bias,
+        none_f,
+        RELU,
+        0.0,
+        0.0,
+        np.float32(1),
+        np.float32(0),
+        False,
+        got,
+        none_q,
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -644,8 +702,9 @@ def test_calibration_falls_back_to_batch_by_batch_when_a_reshape_cannot_follow(c
 def test_quantize_after_sharing_keeps_the_indices_and_runs_in_integer_kernels(tiny, calib):
     from passes.weight_sharing import ShareWeights
 
-    shared = compile(tiny, passes=[ShareWeights(bits=3, groups=2, min_weights=0)],
-                     check=False).graph
+    shared = compile(
+        tiny, passes=[ShareWeights(bits=3, groups=2, min_weights=0)], check=False
+    ).graph
     lookups = shared.find("codebook_lookup")
     assert len(lookups) == 4
     q = quantized(shared, calib)
@@ -653,7 +712,8 @@ def test_quantize_after_sharing_keeps_the_indices_and_runs_in_integer_kernels(ti
     new = q.find("codebook_lookup")
     # the same packed indices, now behind int8 centroids (G, K); no dense int8 weight is stored
     assert [n.inputs[1].data.tobytes() for n in new] == [
-        n.inputs[1].data.tobytes() for n in lookups]
+        n.inputs[1].data.tobytes() for n in lookups
+    ]
     assert {n.inputs[0].dtype for n in new} == {"int8"}
     for old, n in zip(lookups, new, strict=True):
         assert n.inputs[0].shape == old.inputs[0].shape

@@ -30,20 +30,44 @@ def conv_net(out1: int = 8, with_bn: bool = False) -> Graph:
     """x -> conv(3->out1, 3x3, relu) [-> batch_norm] -> conv(out1->4, 3x3) -> mean -> linear(4->5)."""
     g = Graph("net")
     x = g.add_input("x", (2, 3, 6, 6))
-    c1 = g.add_node("conv2d", [x, g.constant(randn(out1, 3, 3, 3), "conv1.weight"),
-                               g.constant(randn(out1), "conv1.bias")],
-                    {"padding": (1, 1), "activation": None if with_bn else "relu"}, name="conv1",
-                    meta={"source": "conv1"})
+    c1 = g.add_node(
+        "conv2d",
+        [
+            x,
+            g.constant(randn(out1, 3, 3, 3), "conv1.weight"),
+            g.constant(randn(out1), "conv1.bias"),
+        ],
+        {"padding": (1, 1), "activation": None if with_bn else "relu"},
+        name="conv1",
+        meta={"source": "conv1"},
+    )
     y = c1.outputs[0]
     if with_bn:
-        bn = g.add_node("batch_norm", [y, *(g.constant(np.abs(randn(out1)) + 0.5, f"bn.{n}")
-                                            for n in ("scale", "shift", "mean", "var"))])
+        bn = g.add_node(
+            "batch_norm",
+            [
+                y,
+                *(
+                    g.constant(np.abs(randn(out1)) + 0.5, f"bn.{n}")
+                    for n in ("scale", "shift", "mean", "var")
+                ),
+            ],
+        )
         y = bn.outputs[0]
-    c2 = g.add_node("conv2d", [y, g.constant(randn(4, out1, 3, 3), "conv2.weight")],
-                    {"padding": (1, 1)}, name="conv2", meta={"source": "block.conv2"})
+    c2 = g.add_node(
+        "conv2d",
+        [y, g.constant(randn(4, out1, 3, 3), "conv2.weight")],
+        {"padding": (1, 1)},
+        name="conv2",
+        meta={"source": "block.conv2"},
+    )
     m = g.add_node("mean", [c2.outputs[0]], {"axes": (2, 3)})
-    fc = g.add_node("linear", [m.outputs[0], g.constant(randn(5, 4), "fc.weight")], name="fc",
-                    meta={"source": "fc"})
+    fc = g.add_node(
+        "linear",
+        [m.outputs[0], g.constant(randn(5, 4), "fc.weight")],
+        name="fc",
+        meta={"source": "fc"},
+    )
     g.outputs = [fc.outputs[0]]
     g.verify()
     return g
@@ -80,8 +104,12 @@ graph net(
 def test_golden_share_small_net():
     # conv1 (216 weights, one codebook), conv2 (288, two groups of 2 output channels), fc (20 < 100)
     shared = conv_net()
-    PassManager(passes=[ShareWeights(bits=2, min_weights=100, ignore=("block.*",)),
-                        ShareWeights(bits=2, groups=2, min_weights=100)]).run(shared)
+    PassManager(
+        passes=[
+            ShareWeights(bits=2, min_weights=100, ignore=("block.*",)),
+            ShareWeights(bits=2, groups=2, min_weights=100),
+        ]
+    ).run(shared)
     assert str(shared) == GOLDEN
     meta = shared.meta["weight_sharing"]
     assert meta["shared"] == 1 and ("fc.weight", "20 weights < min_weights=100") in meta["skipped"]
@@ -91,8 +119,9 @@ def test_shared_weights_are_the_nearest_centroids():
     graph = conv_net()
     shared = share(graph, bits=3, min_weights=0)
     for node in shared.find("codebook_lookup"):
-        dense = graph.constants()[[c.name for c in graph.constants()].index(
-            node.outputs[0].name.removesuffix(".shared"))].data
+        dense = graph.constants()[
+            [c.name for c in graph.constants()].index(node.outputs[0].name.removesuffix(".shared"))
+        ].data
         codebook = node.inputs[0].data[0]
         got = run_lookup(node)
         nearest = codebook[np.abs(dense[..., None] - codebook).argmin(-1)]
@@ -177,8 +206,11 @@ def test_onnx_decode_function_is_exact_at_every_width(bits, opset):
     g = Graph("decode")
     x = g.add_input("x", (1, count))
     book = g.constant(randn(groups, 1 << bits), "w.codebook")
-    node = g.add_node("codebook_lookup", [book, g.constant(pack_indices(idx, bits), "w.indices")],
-                      {"shape": (groups, 45), "bits": bits})
+    node = g.add_node(
+        "codebook_lookup",
+        [book, g.constant(pack_indices(idx, bits), "w.indices")],
+        {"shape": (groups, 45), "bits": bits},
+    )
     flat = g.add_node("reshape", [node.outputs[0]], {"shape": (1, count)})
     g.outputs = [g.add_node("add", [x, flat.outputs[0]]).outputs[0]]
     want = np.take_along_axis(book.data, idx.reshape(groups, 45).astype(np.int64), 1)
@@ -189,8 +221,9 @@ def test_onnx_decode_function_is_exact_at_every_width(bits, opset):
 
 
 def test_pack_layout_is_little_endian_low_bits_first():
-    np.testing.assert_array_equal(pack_indices(np.array([1, 2, 3, 4, 0, 0, 0, 15]), 4),
-                                  [0x21, 0x43, 0x00, 0xF0])
+    np.testing.assert_array_equal(
+        pack_indices(np.array([1, 2, 3, 4, 0, 0, 0, 15]), 4), [0x21, 0x43, 0x00, 0xF0]
+    )
     np.testing.assert_array_equal(pack_indices(np.array([1, 2, 3, 0]), 2), [0b00111001, 0])
     with pytest.raises(ValueError, match="does not fit"):
         pack_indices(np.array([4]), 2)
@@ -324,8 +357,9 @@ def test_fine_tune_round_trips_into_the_ir():
     after = {c.name: c.data for c in tuned.constants()}
     assert not np.array_equal(before["conv1.weight.codebook"], after["conv1.weight.codebook"])
     np.testing.assert_array_equal(before["conv1.weight.indices"], after["conv1.weight.indices"])
-    np.testing.assert_allclose(after["conv1.weight.codebook"],
-                               module.conv1_weight_codebook.detach().numpy())
+    np.testing.assert_allclose(
+        after["conv1.weight.codebook"], module.conv1_weight_codebook.detach().numpy()
+    )
     with torch.no_grad():
         want = module(x).numpy()
     assert deviation([want], run(tuned, [x.numpy()])) <= 1e-5
@@ -352,13 +386,16 @@ def test_skips_are_recorded_with_reasons():
     assert skipped["fc.weight"] == "20 weights per group < 256 clusters"  # 5 rows: 1 group
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"bits": 0}, "outside 1..8"),
-    ({"bits": 9}, "outside 1..8"),
-    ({"groups": 0}, "groups"),
-    ({"init": "uniform"}, "unknown init"),
-    ({"importance": 3}, "importance"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"bits": 0}, "outside 1..8"),
+        ({"bits": 9}, "outside 1..8"),
+        ({"groups": 0}, "groups"),
+        ({"init": "uniform"}, "unknown init"),
+        ({"importance": 3}, "importance"),
+    ],
+)
 def test_bad_options(options, message):
     with pytest.raises(OptionError, match=message):
         ShareWeights(**options)
@@ -382,8 +419,11 @@ def test_importance_by_module_path_and_function():
     by_fn = share(graph, bits=2, min_weights=0, importance=lambda node, w: np.abs(w))
     a = next(c for c in by_path.constants() if c.name == "conv2.weight.codebook").data
     b = next(c for c in by_fn.constants() if c.name == "conv2.weight.codebook").data
-    plain = next(c for c in share(graph, bits=2, min_weights=0).constants()
-                 if c.name == "conv2.weight.codebook").data
+    plain = next(
+        c
+        for c in share(graph, bits=2, min_weights=0).constants()
+        if c.name == "conv2.weight.codebook"
+    ).data
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, plain)
 
@@ -409,7 +449,7 @@ def test_the_docs_example_runs():
     """The first Python snippet of docs/weight_sharing.md, as written."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "weight_sharing.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "weight_sharing.md").read_text()
     snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
     exec(compile(snippet, "docs/weight_sharing.md", "exec"), scope)  # noqa: S102
@@ -438,5 +478,8 @@ def test_pruning_after_sharing_says_why_the_shared_layers_stay():
     shared = share(conv_net(out1=16), bits=4)
     result = compile(shared, passes=[PruneChannels(ratio=0.5)], check=False)
     assert len(result.graph.find("codebook_lookup")) == 2
-    assert any("prune-channels: 2 layer(s) with shared weights are not pruned" in n
-               and "before share-weights" in n for n in result.report.notes)
+    assert any(
+        "prune-channels: 2 layer(s) with shared weights are not pruned" in n
+        and "before share-weights" in n
+        for n in result.report.notes
+    )

@@ -1,0 +1,1 @@
+"""Tests of the passes (passes/): fusion, pruning, factorization, quantization, weight sharing."""
