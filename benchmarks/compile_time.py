@@ -57,9 +57,11 @@ def main() -> int:
     for stage in runs[0]:
         print(f"{stage:18s} {statistics.median(r[stage] for r in runs):7.2f} s")
     total = statistics.median(r["total"] for r in runs)
-    print(f"compile_time: {args.model} {args.size}x{args.size} trace+fuse+onnx median {total:.2f} s"
-          " "
-          f"over {args.repeats} runs (target < 10 s): {'OK' if total < 10 else 'OVER'}")
+    print(
+        f"compile_time: {args.model} {args.size}x{args.size} trace+fuse+onnx median {total:.2f} s"
+        " "
+        f"over {args.repeats} runs (target < 10 s): {'OK' if total < 10 else 'OVER'}"
+    )
     return 0
 
 

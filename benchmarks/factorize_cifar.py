@@ -63,11 +63,21 @@ def bisect(make, base_macs: int, target: float, lo: float, hi: float, steps: int
 def factorize_mode(graph, mode: str, target: float, calib, base_macs: int, round_to: int):
     common = {"round_to": round_to}
     if mode == "ratio":
-        return bisect(lambda r: run_passes(graph, FactorizeRank(ratio=r, **common)), base_macs,
-                      target, 0.05, 0.99)
+        return bisect(
+            lambda r: run_passes(graph, FactorizeRank(ratio=r, **common)),
+            base_macs,
+            target,
+            0.05,
+            0.99,
+        )
     if mode == "energy":
-        return bisect(lambda e: run_passes(graph, FactorizeRank(energy=e, **common)), base_macs,
-                      target, 0.3, 0.9999)
+        return bisect(
+            lambda e: run_passes(graph, FactorizeRank(energy=e, **common)),
+            base_macs,
+            target,
+            0.3,
+            0.9999,
+        )
     if mode == "evbmf":
         return run_passes(graph, FactorizeRank(evbmf=True, **common))
     if mode == "global":
@@ -79,8 +89,10 @@ def factorize_mode(graph, mode: str, target: float, calib, base_macs: int, round
 
 def prune(graph, target: float):
     """prune_cifar's best setting: L1, one global ranking, block-internal channels, round_to 4."""
-    return run_passes(graph, PruneChannels(target=target, scope="global", criterion="l1",
-                                           round_to=4, shortcut=False))
+    return run_passes(
+        graph,
+        PruneChannels(target=target, scope="global", criterion="l1", round_to=4, shortcut=False),
+    )
 
 
 def main() -> int:
@@ -88,15 +100,22 @@ def main() -> int:
     ap.add_argument("--targets", default="0.667,0.5")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--epochs", type=float, default=0.3, help="fine-tune length (train_20k)")
-    ap.add_argument("--split", type=float, default=0.7,
-                    help="factorize + prune: MACs kept by the factorization before pruning")
+    ap.add_argument(
+        "--split",
+        type=float,
+        default=0.7,
+        help="factorize + prune: MACs kept by the factorization before pruning",
+    )
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--calibration", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--json", default="build/factorize_cifar.json")
-    ap.add_argument("--latency-only", action="store_true",
-                    help="only time (no accuracy): the model, the global budget in the auto and "
-                    "channel forms, pruning, and factorize + prune, at the first target")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only time (no accuracy): the model, the global budget in the auto and "
+        "channel forms, pruning, and factorize + prune, at the first target",
+    )
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         print(f"factorize_cifar: skipped, no data under {cifar.data_dir()}")
@@ -119,13 +138,22 @@ def main() -> int:
             cifar.finetune(module, x_train, y_train, epochs=args.epochs, lr=0.01)
             acc1 = cifar.evaluate(module, x_dev, y_dev)
         final = compile(to_graph(module), passes=["fuse"]).graph
-        row = {"method": name, "target": target, "macs": macs(compiled.graph) / base_macs,
-               "params": graph_stats(compiled.graph).params / graph_stats(unfused).params,
-               "acc": acc0, "acc_ft": acc1, "graph": final,
-               "layers": compiled.graph.meta.get("factorization", {}).get("layers", {})}
+        row = {
+            "method": name,
+            "target": target,
+            "macs": macs(compiled.graph) / base_macs,
+            "params": graph_stats(compiled.graph).params / graph_stats(unfused).params,
+            "acc": acc0,
+            "acc_ft": acc1,
+            "graph": final,
+            "layers": compiled.graph.meta.get("factorization", {}).get("layers", {}),
+        }
         rows.append(row)
-        print(f"[{time.perf_counter() - start:6.0f} s] {name:24s} target {target:.3f} MACs "
-              f"{row['macs']:.3f} acc {acc0:.2f} acc+ft {acc1:.2f}", flush=True)
+        print(
+            f"[{time.perf_counter() - start:6.0f} s] {name:24s} target {target:.3f} MACs "
+            f"{row['macs']:.3f} acc {acc0:.2f} acc+ft {acc1:.2f}",
+            flush=True,
+        )
         return row
 
     if args.latency_only:
@@ -170,17 +198,24 @@ def latency_only(unfused, target: float, args) -> int:
         "global auto": run_passes(unfused, FactorizeRank(target=target)).graph,
         "global channel": run_passes(unfused, FactorizeRank(target=target, form="channel")).graph,
         "global channel round 8": run_passes(
-            unfused, FactorizeRank(target=target, form="channel", round_to=8)).graph,
+            unfused, FactorizeRank(target=target, form="channel", round_to=8)
+        ).graph,
         "prune l1": prune(unfused, target).graph,
-        f"global {args.split:g} + prune": prune(first.graph,
-                                                 target * base / macs(first.graph)).graph,
+        f"global {args.split:g} + prune": prune(
+            first.graph, target * base / macs(first.graph)
+        ).graph,
     }
-    rows = [{"method": k, "macs": macs(g) / base, "graph": compile(g, passes=["fuse"]).graph}
-            for k, g in graphs.items()]
+    rows = [
+        {"method": k, "macs": macs(g) / base, "graph": compile(g, passes=["fuse"]).graph}
+        for k, g in graphs.items()
+    ]
     for round_ in range(3):
         latencies(rows, args.repeats)
-        print(f"round {round_ + 1}: " + ", ".join(
-            f"{r['method']} ({r['macs']:.3f} MACs) {r['ort_ms']:.2f} ms" for r in rows), flush=True)
+        print(
+            f"round {round_ + 1}: "
+            + ", ".join(f"{r['method']} ({r['macs']:.3f} MACs) {r['ort_ms']:.2f} ms" for r in rows),
+            flush=True,
+        )
     return 0
 
 
@@ -205,20 +240,30 @@ def latencies(rows, repeats: int) -> None:
 def print_table(rows) -> None:
     base = rows[0]
     print()
-    print("accuracy: top-1 on test_dev_2k; acc+ft after the fine-tune; latency: ORT, batch 1, one "
-          "thread, medians of interleaved rounds; MACs/params relative to the unfactorized model")
-    print(f"{'method':30s} {'target':>6s} {'MACs':>6s} {'params':>6s} {'acc':>6s} {'acc+ft':>6s} "
-          f"{'ORT ms':>7s} {'ORT x':>6s}")
+    print(
+        "accuracy: top-1 on test_dev_2k; acc+ft after the fine-tune; latency: ORT, batch 1, one "
+        "thread, medians of interleaved rounds; MACs/params relative to the unfactorized model"
+    )
+    print(
+        f"{'method':30s} {'target':>6s} {'MACs':>6s} {'params':>6s} {'acc':>6s} {'acc+ft':>6s} "
+        f"{'ORT ms':>7s} {'ORT x':>6s}"
+    )
     for r in rows:
-        print(f"{r['method']:30s} {r['target']:6.3f} {r['macs']:6.3f} {r['params']:6.3f} "
-              f"{r['acc']:6.2f} {r['acc_ft']:6.2f} {r['ort_ms']:7.2f} "
-              f"{base['ort_ms'] / r['ort_ms']:6.2f}")
+        print(
+            f"{r['method']:30s} {r['target']:6.3f} {r['macs']:6.3f} {r['params']:6.3f} "
+            f"{r['acc']:6.2f} {r['acc_ft']:6.2f} {r['ort_ms']:7.2f} "
+            f"{base['ort_ms'] / r['ort_ms']:6.2f}"
+        )
     tuned = [r for r in rows if r["target"] == 0.5 and not np.isnan(r["acc_ft"])]
     if tuned:
-        summary = ", ".join(f"{r['method']} {r['acc_ft']:.2f} ({r['acc_ft'] - base['acc']:+.2f} pt,"
-                            f" ORT {base['ort_ms'] / r['ort_ms']:.2f}x)" for r in tuned)
-        print(f"factorize_cifar: ResNet-56 {base['acc']:.2f} % at 1/2 MACs after fine-tune: "
-              f"{summary}")
+        summary = ", ".join(
+            f"{r['method']} {r['acc_ft']:.2f} ({r['acc_ft'] - base['acc']:+.2f} pt,"
+            f" ORT {base['ort_ms'] / r['ort_ms']:.2f}x)"
+            for r in tuned
+        )
+        print(
+            f"factorize_cifar: ResNet-56 {base['acc']:.2f} % at 1/2 MACs after fine-tune: {summary}"
+        )
 
 
 if __name__ == "__main__":

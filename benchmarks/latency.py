@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py       # resnet18, resnet50, mobilenet_v2, resnet56, pruned too
     python benchmarks/latency.py --models resnet18 --threads 1 --batches 1 --repeats 30 --prune 0
+    python benchmarks/latency.py --quick   # resnet18, mobilenet_v2, resnet56 at batch 1, 2 threads
 
 For every model, batch and thread count the three backends take turns in blocks of 4 calls over as
 many rounds as the repeats need (so drift on a shared machine hits all three alike) and the medians
@@ -36,6 +37,19 @@ import torch  # noqa: E402
 import backends.numba.kernels.common  # noqa: E402,F401  (picks numba's threading layer before any launch)
 
 BACKENDS = ("torch", "ort", "numba")
+# --quick: the batch-1, 2-thread rows that the numba/ORT target is read on, without the
+# fresh-process load timings (a few minutes on 2 cores)
+QUICK = (
+    "--models",
+    "resnet18,mobilenet_v2,resnet56",
+    "--threads",
+    "2",
+    "--batches",
+    "1",
+    "--repeats",
+    "10",
+    "--no-load",
+)
 
 
 def build(name: str, size: int):
@@ -68,6 +82,7 @@ def blas_threads(n: int) -> None:
 
 def threading_layer() -> str:
     """The layer numba launches parallel regions on (it is chosen at the first launch)."""
+
     @numba.njit(parallel=True)
     def launch(a):
         for i in numba.prange(a.shape[0]):
@@ -181,8 +196,7 @@ def load_times(numba_model, shape: tuple[int, ...]) -> tuple[float, float, float
         times = []
         for prefix in ("", "", NO_SCIPY):
             done = subprocess.run(
-                [sys.executable, "-c", prefix + script], capture_output=True, text=True,
-                check=True
+                [sys.executable, "-c", prefix + script], capture_output=True, text=True, check=True
             )
             times.append([float(t) for t in done.stdout.split()[-2:]])
     return times[0][0], times[1][0], times[1][1], times[2][0]
@@ -206,8 +220,9 @@ def bench_model(name: str, args, peaks: dict[int, float]) -> list[dict]:
         variants = [(name, model, dense.graph)]
         if args.prune:
             pruner = PruneChannels(target=args.prune, scope="global", criterion="l1", round_to=8)
-            pruned = compiler.compile(model, x, passes=[pruner, "fuse"], backend="torch",
-                                      check=False)
+            pruned = compiler.compile(
+                model, x, passes=[pruner, "fuse"], backend="torch", check=False
+            )
             variants.append((f"{name}-p{args.prune:g}", pruned.artifact.eval(), pruned.graph))
         for label, eager, graph in variants:
             load = args.load and batch == args.batches[0]
@@ -271,14 +286,18 @@ def summary(rows: list[dict]) -> str:
     cached = [r["cached"] for r in rows if r["cached"] == r["cached"]]
     own = [r["cached"] - r["libraries"] for r in rows if r["cached"] == r["cached"]]
     bare = [r["bare"] for r in rows if r["bare"] == r["bare"]]
-    target = [f"{r['model']} {r['numba'] / r['ort']:.2f}" for r in rows
-              if r["batch"] == 1 and r["threads"] == 2]
+    target = [
+        f"{r['model']} {r['numba'] / r['ort']:.2f}"
+        for r in rows
+        if r["batch"] == 1 and r["threads"] == 2
+    ]
     slower = sum(r["numba"] > r["torch"] for r in rows)
     loads = (
         f"; package load {statistics.median(jit):.1f} s with JIT, {statistics.median(cached):.2f} "
         f"s cached ({statistics.median(own):.2f} s past importing numpy and numba), "
         f"{statistics.median(bare):.2f} s cached without SciPy"
-        if jit else ""
+        if jit
+        else ""
     )
     return (
         f"summary: numba takes {statistics.median(vs_ort):.2f}x ORT's time "
@@ -296,11 +315,26 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--size", type=int, default=224, help="input size of torchvision models")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--prune", type=float, default=0.5,
-                    help="also run each model pruned to this fraction of its MACs (0: off)")
-    ap.add_argument("--no-load", dest="load", action="store_false",
-                    help="skip timing the saved package's JIT and cached loads (fresh processes)")
+    ap.add_argument(
+        "--prune",
+        type=float,
+        default=0.5,
+        help="also run each model pruned to this fraction of its MACs (0: off)",
+    )
+    ap.add_argument(
+        "--no-load",
+        dest="load",
+        action="store_false",
+        help="skip timing the saved package's JIT and cached loads (fresh processes)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: " + " ".join(QUICK) + " (overrides those options)",
+    )
     args = ap.parse_args()
+    if args.quick:
+        args = ap.parse_args([*sys.argv[1:], *QUICK])
     args.threads = [int(t) for t in args.threads.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     peaks = {t: peak_sgemm(t) for t in args.threads}

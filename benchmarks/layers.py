@@ -69,14 +69,20 @@ def bench_layer(c, o, h, k, s, g, res, threads: int, repeats: int) -> dict:
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
     fns = {"ort": lambda: session.run(None, feed), "numba": lambda: numba_model.run(*arrays)}
     times = measure(fns, threads, repeats, per_block=8)
-    return {"layer": f"{c}->{o} {k}x{k}/{s} g{g} @{h}{' +res' if res else ''}",
-            "macs": o * oh * oh * c // g * k * k, **times}
+    return {
+        "layer": f"{c}->{o} {k}x{k}/{s} g{g} @{h}{' +res' if res else ''}",
+        "macs": o * oh * oh * c // g * k * k,
+        **times,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", default=DEFAULT,
-                        help="';'-separated c,o,h,k,stride,groups,res|- (default: %(default)s)")
+    parser.add_argument(
+        "--layers",
+        default=DEFAULT,
+        help="';'-separated c,o,h,k,stride,groups,res|- (default: %(default)s)",
+    )
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=100)
     args = parser.parse_args()
@@ -86,10 +92,15 @@ def main() -> int:
         for spec in parse(args.layers):
             r = bench_layer(*spec, threads, args.repeats)
             ratios.append(r["numba"] / r["ort"])
-            print(f"{r['layer']:38s} {threads:3d} {r['ort'] * 1e6:8.1f} {r['numba'] * 1e6:9.1f} "
-                  f"{ratios[-1]:7.2f}  {r['macs'] / r['numba'] / 1e9:8.1f}", flush=True)
-    print(f"summary: numba takes {statistics.median(ratios):.2f}x a one-layer ORT session's time "
-          f"(median; {min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} layer runs")
+            print(
+                f"{r['layer']:38s} {threads:3d} {r['ort'] * 1e6:8.1f} {r['numba'] * 1e6:9.1f} "
+                f"{ratios[-1]:7.2f}  {r['macs'] / r['numba'] / 1e9:8.1f}",
+                flush=True,
+            )
+    print(
+        f"summary: numba takes {statistics.median(ratios):.2f}x a one-layer ORT session's time "
+        f"(median; {min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} layer runs"
+    )
     return 0
 
 

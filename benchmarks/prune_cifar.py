@@ -43,8 +43,13 @@ def latencies(graph, repeats: int) -> tuple[float, float]:
 
 def prune_config(graph, target: float, criterion: str, calib, labels, shortcut: bool):
     """Prune the unfused graph (batch norms kept, so fine-tuning can use batch statistics)."""
-    options = {"target": target, "scope": "global", "criterion": criterion, "round_to": 4,
-               "shortcut": shortcut}
+    options = {
+        "target": target,
+        "scope": "global",
+        "criterion": criterion,
+        "round_to": 4,
+        "shortcut": shortcut,
+    }
     if criterion in ("taylor", "activation", "di", "apoz"):
         options.update(calibration_data=calib, labels=labels)
     return compile(graph, passes=[PruneChannels(**options)], check=False)
@@ -64,8 +69,13 @@ def torch_pruning_model(target: float, base_macs: int):
         mid = (lo + hi) / 2
         model = cifar.load_pretrained(56)
         pruner = tp.pruner.MagnitudePruner(
-            model, example, importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=mid, global_pruning=True, ignored_layers=[model.linear])
+            model,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=mid,
+            global_pruning=True,
+            ignored_layers=[model.linear],
+        )
         pruner.step()
         macs, _ = tp.utils.count_ops_and_params(model, example)
         if macs <= target * base_macs:
@@ -81,12 +91,18 @@ def main() -> int:
     ap.add_argument("--criteria", default="l1,fpgm,taylor")
     ap.add_argument("--epochs", type=float, default=3)
     ap.add_argument("--finetune-targets", default="0.5", help="targets that get the fine-tune")
-    ap.add_argument("--finetune-criteria", default="l1,fpgm,taylor",
-                    help="criteria that get the fine-tune (it is the slow part: minutes per epoch)")
+    ap.add_argument(
+        "--finetune-criteria",
+        default="l1,fpgm,taylor",
+        help="criteria that get the fine-tune (it is the slow part: minutes per epoch)",
+    )
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--no-torch-pruning", action="store_true")
-    ap.add_argument("--shortcut", action="store_true",
-                    help="also prune the residual streams (one-shot accuracy collapses: see docs)")
+    ap.add_argument(
+        "--shortcut",
+        action="store_true",
+        help="also prune the residual streams (one-shot accuracy collapses: see docs)",
+    )
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         print(f"prune_cifar: skipped, no data under {cifar.data_dir()}")
@@ -103,8 +119,11 @@ def main() -> int:
     base_acc = cifar.evaluate(model, x_dev, y_dev)
     base_ort, base_torch = latencies(base_graph, args.repeats)
     rows = [("unpruned", 1.0, 1.0, base_acc, base_acc, base_ort, base_torch)]
-    print(f"unpruned: {base_stats.macs / 1e6:.1f} M MACs, {base_acc:.2f} %, ORT {base_ort:.2f} ms, "
-          f"torch {base_torch:.2f} ms", flush=True)
+    print(
+        f"unpruned: {base_stats.macs / 1e6:.1f} M MACs, {base_acc:.2f} %, ORT {base_ort:.2f} ms, "
+        f"torch {base_torch:.2f} ms",
+        flush=True,
+    )
     finetune_targets = {float(t) for t in args.finetune_targets.split(",") if t}
     tuned = set(args.finetune_criteria.split(","))
     for target in [float(t) for t in args.targets.split(",")]:
@@ -119,8 +138,17 @@ def main() -> int:
             final = fused(to_graph(module))
             stats = graph_stats(final)
             ort_ms, torch_ms = latencies(final, args.repeats)
-            rows.append((f"slimgraph {criterion}", target, stats.macs / base_stats.macs, acc0,
-                         acc1, ort_ms, torch_ms))
+            rows.append(
+                (
+                    f"slimgraph {criterion}",
+                    target,
+                    stats.macs / base_stats.macs,
+                    acc0,
+                    acc1,
+                    ort_ms,
+                    torch_ms,
+                )
+            )
             print(rows[-1], flush=True)
         if not args.no_torch_pruning:
             rows.append(run_torch_pruning(target, base_stats.macs, x_dev, y_dev, args.repeats))
@@ -139,25 +167,40 @@ def run_torch_pruning(target, base_macs, x_dev, y_dev, repeats):
         return ("torch-pruning l1", target, macs, acc0, float("nan"), ort_ms, torch_ms)
     except Exception as e:  # noqa: BLE001 - report the anchor's failure instead of hiding it
         print(f"torch-pruning failed: {type(e).__name__}: {e}")
-        return ("torch-pruning l1 (failed)", target, float("nan"), float("nan"), float("nan"),
-                float("nan"), float("nan"))
+        return (
+            "torch-pruning l1 (failed)",
+            target,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            float("nan"),
+        )
 
 
 def print_table(rows, base_ort, base_torch) -> None:
     print()
-    print("latency: batch 1, one thread, medians; both sides fused by slimgraph; torch = the torch "
-          "backend's module")
-    print(f"{'method':22s} {'target':>6s} {'MACs':>6s} {'acc':>7s} {'acc+ft':>7s} "
-          f"{'ORT ms':>7s} {'ORT x':>6s} {'torch ms':>8s} {'torch x':>7s}")
+    print(
+        "latency: batch 1, one thread, medians; both sides fused by slimgraph; torch = the torch "
+        "backend's module"
+    )
+    print(
+        f"{'method':22s} {'target':>6s} {'MACs':>6s} {'acc':>7s} {'acc+ft':>7s} "
+        f"{'ORT ms':>7s} {'ORT x':>6s} {'torch ms':>8s} {'torch x':>7s}"
+    )
     for name, target, macs, a0, a1, o, t in rows:
-        print(f"{name:22s} {target:6.3f} {macs:6.3f} {a0:7.2f} {a1:7.2f} {o:7.2f} "
-              f"{base_ort / o:6.2f} {t:8.2f} {base_torch / t:7.2f}")
+        print(
+            f"{name:22s} {target:6.3f} {macs:6.3f} {a0:7.2f} {a1:7.2f} {o:7.2f} "
+            f"{base_ort / o:6.2f} {t:8.2f} {base_torch / t:7.2f}"
+        )
     best = [r for r in rows[1:] if r[1] == 0.5 and not np.isnan(r[4])]
     if best:
         top = max(best, key=lambda r: r[4])
-        print(f"prune_cifar: ResNet-56 at {top[2]:.2f}x MACs ({top[0]}): {rows[0][3]:.2f} -> "
-              f"{top[4]:.2f} % after fine-tune ({top[4] - rows[0][3]:+.2f} pt), ORT "
-              f"{base_ort / top[5]:.2f}x faster, torch {base_torch / top[6]:.2f}x faster")
+        print(
+            f"prune_cifar: ResNet-56 at {top[2]:.2f}x MACs ({top[0]}): {rows[0][3]:.2f} -> "
+            f"{top[4]:.2f} % after fine-tune ({top[4] - rows[0][3]:+.2f} pt), ORT "
+            f"{base_ort / top[5]:.2f}x faster, torch {base_torch / top[6]:.2f}x faster"
+        )
 
 
 if __name__ == "__main__":

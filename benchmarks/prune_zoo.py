@@ -37,8 +37,9 @@ def main() -> int:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:  # after every model, so a cut-short run keeps its data
             json.dump(results, f, indent=1)
-        errors = [f"{k}: {v['error']}" for k, v in r.items()
-                  if isinstance(v, dict) and "error" in v]
+        errors = [
+            f"{k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v
+        ]
         if "error" in r:
             errors.append(r["error"])
         for e in errors:
@@ -53,8 +54,10 @@ def main() -> int:
             print(f"{total - len(failed)}/{total} {key} ({config}){tail}")
         macs = [r["macs"] for r in rows if "macs" in r]
         if macs:
-            print(f"    {config}: median MACs kept {statistics.median(macs):.2f}, "
-                  f"range {min(macs):.2f}-{max(macs):.2f}")
+            print(
+                f"    {config}: median MACs kept {statistics.median(macs):.2f}, "
+                f"range {min(macs):.2f}-{max(macs):.2f}"
+            )
     print(f"prune_zoo: {total} models in {time.perf_counter() - start:.0f} s")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:

@@ -55,8 +55,15 @@ def ort_quantize_static(fp32: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelP
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         onnx.save(fp32, src)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            src,
+            dst,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         return onnx.load(dst)
 
 
@@ -123,11 +130,19 @@ def main() -> int:
     ap.add_argument("--calibration", type=int, default=256, help="calibration images")
     ap.add_argument("--mixed", default="6", help="average weight bits for mixed precision")
     ap.add_argument("--repeats", type=int, default=100)
-    ap.add_argument("--prune", type=float, default=0.8,
-                    help="also prune to this MAC fraction, then quantize (0: skip)")
-    ap.add_argument("--share", type=int, default=5,
-                    help="also share weights at these bits (8 codebooks per layer, no "
-                    "fine-tune), then quantize (0: skip)")
+    ap.add_argument(
+        "--prune",
+        type=float,
+        default=0.8,
+        help="also prune to this MAC fraction, then quantize (0: skip)",
+    )
+    ap.add_argument(
+        "--share",
+        type=int,
+        default=5,
+        help="also share weights at these bits (8 codebooks per layer, no "
+        "fine-tune), then quantize (0: skip)",
+    )
     args = ap.parse_args()
     if not cifar.data_available("cifar10/test_dev_2k.npz", "resnet_cifar10"):
         print(f"quantize_cifar: skipped, no data under {cifar.data_dir()}")
@@ -145,55 +160,81 @@ def main() -> int:
         ours_graph = {}
         for cal in [c for c in args.calibrators.split(",") if c]:
             start = time.perf_counter()
-            q = compile(graph, passes=[Quantize(calibrator=cal)], calibration_data=calib,
-                        check=False).graph
+            q = compile(
+                graph, passes=[Quantize(calibrator=cal)], calibration_data=calib, check=False
+            ).graph
             seconds = time.perf_counter() - start
             emitted = compile_onnx(q).model
             ours_graph.setdefault("int8", q)
-            rows[f"slimgraph int8 ({cal})"] = (emitted, ort_accuracy(emitted, x_dev, y_dev),
-                                               seconds)
+            rows[f"slimgraph int8 ({cal})"] = (
+                emitted,
+                ort_accuracy(emitted, x_dev, y_dev),
+                seconds,
+            )
         for bits in [float(b) for b in args.mixed.split(",") if b]:
             from passes.quantization.quantize import QuantizeMixed
 
             start = time.perf_counter()
-            q = compile(graph, passes=[QuantizeMixed(average_bits=bits)],
-                        calibration_data=calib, check=False).graph
+            q = compile(
+                graph,
+                passes=[QuantizeMixed(average_bits=bits)],
+                calibration_data=calib,
+                check=False,
+            ).graph
             seconds = time.perf_counter() - start
             emitted = compile_onnx(q).model
             rows[f"slimgraph mixed ({bits:g} bits)"] = (
-                emitted, ort_accuracy(emitted, x_dev, y_dev), seconds)
+                emitted,
+                ort_accuracy(emitted, x_dev, y_dev),
+                seconds,
+            )
         if args.prune:
             from passes.pruning.prune import PruneChannels
 
             unfused = compile(model, torch.zeros(1, 3, 32, 32), check=False).graph
-            pruned = compile(unfused, passes=[PruneChannels(
-                target=args.prune, scope="global", round_to=4, shortcut=False), "fuse"],
-                check=False).graph
+            pruned = compile(
+                unfused,
+                passes=[
+                    PruneChannels(target=args.prune, scope="global", round_to=4, shortcut=False),
+                    "fuse",
+                ],
+                check=False,
+            ).graph
             add_then_quantized(rows, f"pruned {args.prune:g} MACs", pruned, calib, x_dev, y_dev)
         if args.share:  # share then quantize: int8 centroids behind the packed indices
             from passes.weight_sharing import ShareWeights
 
-            shared = compile(graph, passes=[ShareWeights(bits=args.share, groups=8)],
-                             check=False).graph
+            shared = compile(
+                graph, passes=[ShareWeights(bits=args.share, groups=8)], check=False
+            ).graph
             add_then_quantized(rows, f"shared {args.share} bits", shared, calib, x_dev, y_dev)
         start = time.perf_counter()
         ort_q = ort_quantize_static(fp32, calib)
-        rows["ORT quantize_static"] = (ort_q, ort_accuracy(ort_q, x_dev, y_dev),
-                                       time.perf_counter() - start)
+        rows["ORT quantize_static"] = (
+            ort_q,
+            ort_accuracy(ort_q, x_dev, y_dev),
+            time.perf_counter() - start,
+        )
         ms = latencies({k: m for k, (m, _, _) in rows.items()}, args.repeats)
         base_bytes = len(fp32.SerializeToString())
         print(f"\nResNet-{depth} (test_dev_2k, {args.calibration} calibration images)")
-        print(f"{'model':32} {'acc %':>6} {'file KB':>8} {'smaller':>7} {'ORT ms':>7} "
-              f"{'speedup':>7} {'int kernels':>11} {'quantize s':>10}")
+        print(
+            f"{'model':32} {'acc %':>6} {'file KB':>8} {'smaller':>7} {'ORT ms':>7} "
+            f"{'speedup':>7} {'int kernels':>11} {'quantize s':>10}"
+        )
         for name, (m, acc, seconds) in rows.items():
             size = len(m.SerializeToString())
             share = integer_share(m)
-            print(f"{name:32} {acc:6.2f} {size / 1024:8.1f} {base_bytes / size:6.2f}x "
-                  f"{ms[name]:7.3f} {ms['fp32'] / ms[name]:6.2f}x {100 * share:10.1f}% "
-                  f"{seconds:10.1f}")
+            print(
+                f"{name:32} {acc:6.2f} {size / 1024:8.1f} {base_bytes / size:6.2f}x "
+                f"{ms[name]:7.3f} {ms['fp32'] / ms[name]:6.2f}x {100 * share:10.1f}% "
+                f"{seconds:10.1f}"
+            )
         nb = numba_latencies({"fp32": graph, "int8": ours_graph["int8"]}, args.repeats)
-        print(f"numba (1 thread): fp32 {nb['fp32']:.3f} ms, {ours_name} {nb['int8']:.3f} ms "
-              f"({nb['fp32'] / nb['int8']:.2f}x)")
+        print(
+            f"numba (1 thread): fp32 {nb['fp32']:.3f} ms, {ours_name} {nb['int8']:.3f} ms "
+            f"({nb['fp32'] / nb['int8']:.2f}x)"
+        )
         ours = max((k for k in rows if k.startswith("slimgraph int8")), key=lambda k: rows[k][1])
         summary.append(
             f"ResNet-{depth}: fp32 {rows['fp32'][1]:.2f} %, {ours} {rows[ours][1]:.2f} %, "

@@ -115,29 +115,48 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", default="8,5,4,3")
     ap.add_argument("--epochs", type=float, default=0.25, help="centroid fine-tune, in epochs")
-    ap.add_argument("--lr", type=float, default=1e-3,
-                    help="centroid fine-tune learning rate (on the mean member gradient)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="centroid fine-tune learning rate (on the mean member gradient)",
+    )
     ap.add_argument("--groups", type=int, default=1, help="codebooks per layer")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-pipeline", action="store_true")
-    ap.add_argument("--baseline-finetune", action="store_true",
-                    help="also fine-tune the dense model the same way (the gain of tuning alone)")
-    ap.add_argument("--prune-target", type=float, default=0.4,
-                    help="fraction of the params prune-channels keeps in the pipeline")
+    ap.add_argument(
+        "--baseline-finetune",
+        action="store_true",
+        help="also fine-tune the dense model the same way (the gain of tuning alone)",
+    )
+    ap.add_argument(
+        "--prune-target",
+        type=float,
+        default=0.4,
+        help="fraction of the params prune-channels keeps in the pipeline",
+    )
     ap.add_argument("--prune-epochs", type=float, default=0.5)
     ap.add_argument("--pipeline-bits", default="4")
-    ap.add_argument("--pipeline-quantize", action="store_true",
-                    help="then quantize the pipeline's shared model to int8 (calibrated)")
-    ap.add_argument("--pruned-cache", default="",
-                    help="pickle of the pruned, fine-tuned, fused graph: reused when it was made "
-                    "with the same --prune-target and --prune-epochs (the fine-tune is the long "
-                    "part), written otherwise")
-    ap.add_argument("--calibration", type=int, default=256,
-                    help="training images the int8 step calibrates on")
+    ap.add_argument(
+        "--pipeline-quantize",
+        action="store_true",
+        help="then quantize the pipeline's shared model to int8 (calibrated)",
+    )
+    ap.add_argument(
+        "--pruned-cache",
+        default="",
+        help="pickle of the pruned, fine-tuned, fused graph: reused when it was made "
+        "with the same --prune-target and --prune-epochs (the fine-tune is the long "
+        "part), written otherwise",
+    )
+    ap.add_argument(
+        "--calibration", type=int, default=256, help="training images the int8 step calibrates on"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the fine-tunes")
     args = ap.parse_args()
-    if not cifar.data_available("cifar10/test_dev_2k.npz", "cifar10/train_20k.npz",
-                                "resnet_cifar10"):
+    if not cifar.data_available(
+        "cifar10/test_dev_2k.npz", "cifar10/train_20k.npz", "resnet_cifar10"
+    ):
         print(f"share_cifar: skipped, no data under {cifar.data_dir()}")
         return 0
     torch.set_num_threads(args.threads)
@@ -151,17 +170,23 @@ def main() -> int:
     fp32_onnx, fp32_onnx_zip, fp32_model = onnx_sizes(dense)
     fp32_numba, fp32_numba_zip, _ = numba_sizes(dense)
     fp32_ort = evaluate_onnx(fp32_model, x_dev, y_dev)
-    print(f"fp32: {base_acc:.2f} %, ONNX {fp32_onnx} B ({fp32_onnx_zip} zipped), numba weights "
-          f"{fp32_numba} B ({fp32_numba_zip} zipped), ORT {fp32_ort:.2f} %", flush=True)
+    print(
+        f"fp32: {base_acc:.2f} %, ONNX {fp32_onnx} B ({fp32_onnx_zip} zipped), numba weights "
+        f"{fp32_numba} B ({fp32_numba_zip} zipped), ORT {fp32_ort:.2f} %",
+        flush=True,
+    )
     rows = []
     if args.baseline_finetune:  # what the same fine-tune does to the dense model, for comparison
         module = compile_torch(dense)
         cifar.finetune(module, x_train, y_train, epochs=args.epochs, lr=args.lr)
-        print(f"fp32 after the same fine-tune: {cifar.evaluate(module, x_dev, y_dev):.2f} %",
-              flush=True)
+        print(
+            f"fp32 after the same fine-tune: {cifar.evaluate(module, x_dev, y_dev):.2f} %",
+            flush=True,
+        )
     for bits in [int(b) for b in args.bits.split(",") if b]:
-        shared, acc0, acc1, secs = share_and_tune(dense, bits, args.epochs, args.lr, data,
-                                                  args.groups)
+        shared, acc0, acc1, secs = share_and_tune(
+            dense, bits, args.epochs, args.lr, data, args.groups
+        )
         size, zsize, onnx_model = onnx_sizes(shared)
         nsize, nzsize, _ = numba_sizes(shared)
         ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
@@ -175,10 +200,12 @@ def main() -> int:
     batch1 = compile(model, torch.zeros(1, 3, 32, 32), passes=["fuse"], check=False).graph
     modes = numba_modes(batch1, args.repeats)
     print_table(base_acc, rows, fp32_onnx, fp32_onnx_zip, fp32_numba, fp32_numba_zip, args)
-    print(f"numba, batch 1, median of {args.repeats}: dense "
-          f"{modes['dense'][0]:.2f} ms, resident {modes['dense'][1]} B; 4-bit shared decoded at "
-          f"load {modes['load'][0]:.2f} ms, resident {modes['load'][1]} B; decoded per call "
-          f"{modes['call'][0]:.2f} ms, resident {modes['call'][1]} B")
+    print(
+        f"numba, batch 1, median of {args.repeats}: dense "
+        f"{modes['dense'][0]:.2f} ms, resident {modes['dense'][1]} B; 4-bit shared decoded at "
+        f"load {modes['load'][0]:.2f} ms, resident {modes['load'][1]} B; decoded per call "
+        f"{modes['call'][0]:.2f} ms, resident {modes['call'][1]} B"
+    )
     return 0
 
 
@@ -192,8 +219,14 @@ def pipeline(unfused, bit_widths: list[int], args, data) -> list[tuple]:
     if cache is not None and cache.exists() and pickle.loads(cache.read_bytes())[0] == key:
         _, fused, acc_pruned = pickle.loads(cache.read_bytes())  # the same pruning, fine-tuned
     else:
-        pruner = PruneChannels(target=args.prune_target, target_metric="params", scope="global",
-                               criterion="l1", round_to=4, shortcut=False)
+        pruner = PruneChannels(
+            target=args.prune_target,
+            target_metric="params",
+            scope="global",
+            criterion="l1",
+            round_to=4,
+            shortcut=False,
+        )
         pruned = unfused.clone()
         PassManager(passes=[pruner]).run(pruned)
         module = compile_torch(pruned)
@@ -204,17 +237,29 @@ def pipeline(unfused, bit_widths: list[int], args, data) -> list[tuple]:
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_bytes(pickle.dumps((key, fused, acc_pruned)))
-    print(f"pipeline: pruned to {args.prune_target} of the params, {acc_pruned:.2f} % after "
-          f"{args.prune_epochs} epochs", flush=True)
+    print(
+        f"pipeline: pruned to {args.prune_target} of the params, {acc_pruned:.2f} % after "
+        f"{args.prune_epochs} epochs",
+        flush=True,
+    )
     rows = []
     for bits in bit_widths:
-        shared, acc0, acc1, _ = share_and_tune(fused, bits, args.epochs, args.lr, data,
-                                               args.groups)
+        shared, acc0, acc1, _ = share_and_tune(fused, bits, args.epochs, args.lr, data, args.groups)
         size, zsize, onnx_model = onnx_sizes(shared)
         nsize, nzsize, _ = numba_sizes(shared)
         ort_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
-        rows.append((f"prune {args.prune_target}+share {bits}", acc0, acc1, ort_acc, size, zsize,
-                     nsize, nzsize))
+        rows.append(
+            (
+                f"prune {args.prune_target}+share {bits}",
+                acc0,
+                acc1,
+                ort_acc,
+                size,
+                zsize,
+                nsize,
+                nzsize,
+            )
+        )
         print(rows[-1], flush=True)  # before the int8 step: a failure there keeps this row
         if args.pipeline_quantize:  # Deep Compression's third step: int8 centroids, activations
             calib = x_train[: max(1, args.calibration // BATCH) * BATCH]  # whole traced batches
@@ -222,33 +267,55 @@ def pipeline(unfused, bit_widths: list[int], args, data) -> list[tuple]:
             size, zsize, onnx_model = onnx_sizes(quant)
             nsize, nzsize, _ = numba_sizes(quant)
             q_acc = evaluate_onnx(onnx_model, x_dev, y_dev)
-            rows.append((f"prune {args.prune_target}+share {bits}+int8", acc1, float("nan"),
-                         q_acc, size, zsize, nsize, nzsize))
+            rows.append(
+                (
+                    f"prune {args.prune_target}+share {bits}+int8",
+                    acc1,
+                    float("nan"),
+                    q_acc,
+                    size,
+                    zsize,
+                    nsize,
+                    nzsize,
+                )
+            )
     return rows
 
 
 def print_table(base_acc, rows, fp32_onnx, fp32_zip, fp32_numba, fp32_numba_zip, args) -> None:
     print()
-    print(f"ResNet-56, test_dev_2k top-1; fine-tune {args.epochs} epoch of train_20k, lr "
-          f"{args.lr} on mean centroid gradients, {args.groups} codebooks per layer; sizes in "
-          "bytes, x = fp32 / this")
-    print(f"{'config':22s} {'acc':>6s} {'acc+ft':>6s} {'ORT':>6s} {'ONNX':>8s} {'x':>5s} "
-          f"{'zipped':>8s} {'x':>5s} {'numba':>8s} {'x':>5s} {'zipped':>8s} {'x':>5s}")
-    print(f"{'fp32':22s} {base_acc:6.2f} {base_acc:6.2f} {base_acc:6.2f} {fp32_onnx:8d} {1:5.2f} "
-          f"{fp32_zip:8d} {1:5.2f} {fp32_numba:8d} {1:5.2f} {fp32_numba_zip:8d} {1:5.2f}")
+    print(
+        f"ResNet-56, test_dev_2k top-1; fine-tune {args.epochs} epoch of train_20k, lr "
+        f"{args.lr} on mean centroid gradients, {args.groups} codebooks per layer; sizes in "
+        "bytes, x = fp32 / this"
+    )
+    print(
+        f"{'config':22s} {'acc':>6s} {'acc+ft':>6s} {'ORT':>6s} {'ONNX':>8s} {'x':>5s} "
+        f"{'zipped':>8s} {'x':>5s} {'numba':>8s} {'x':>5s} {'zipped':>8s} {'x':>5s}"
+    )
+    print(
+        f"{'fp32':22s} {base_acc:6.2f} {base_acc:6.2f} {base_acc:6.2f} {fp32_onnx:8d} {1:5.2f} "
+        f"{fp32_zip:8d} {1:5.2f} {fp32_numba:8d} {1:5.2f} {fp32_numba_zip:8d} {1:5.2f}"
+    )
     for name, a0, a1, ort, size, zsize, nsize, nzsize in rows:
-        print(f"{name:22s} {a0:6.2f} {a1:6.2f} {ort:6.2f} {size:8d} {fp32_onnx / size:5.2f} "
-              f"{zsize:8d} {fp32_onnx / zsize:5.2f} {nsize:8d} {fp32_numba / nsize:5.2f} "
-              f"{nzsize:8d} {fp32_numba / nzsize:5.2f}")
+        print(
+            f"{name:22s} {a0:6.2f} {a1:6.2f} {ort:6.2f} {size:8d} {fp32_onnx / size:5.2f} "
+            f"{zsize:8d} {fp32_onnx / zsize:5.2f} {nsize:8d} {fp32_numba / nsize:5.2f} "
+            f"{nzsize:8d} {fp32_numba / nzsize:5.2f}"
+        )
     ok = [r for r in rows if r[0].startswith("share") and base_acc - r[3] <= 1]
     if ok:
         best = max(ok, key=lambda r: fp32_onnx / r[4])
-        print(f"share_cifar: best within 1 pt: {best[0]}, ONNX {fp32_onnx / best[4]:.2f}x smaller "
-              f"({fp32_onnx / best[5]:.2f}x zipped), {best[3]:.2f} % vs {base_acc:.2f} % fp32")
+        print(
+            f"share_cifar: best within 1 pt: {best[0]}, ONNX {fp32_onnx / best[4]:.2f}x smaller "
+            f"({fp32_onnx / best[5]:.2f}x zipped), {best[3]:.2f} % vs {base_acc:.2f} % fp32"
+        )
     for r in rows:
         if r[0].startswith("prune"):
-            print(f"share_cifar: {r[0]}: ONNX {fp32_onnx / r[4]:.2f}x smaller "
-                  f"({fp32_onnx / r[5]:.2f}x zipped), {r[3]:.2f} % ({r[3] - base_acc:+.2f} pt)")
+            print(
+                f"share_cifar: {r[0]}: ONNX {fp32_onnx / r[4]:.2f}x smaller "
+                f"({fp32_onnx / r[5]:.2f}x zipped), {r[3]:.2f} % ({r[3] - base_acc:+.2f} pt)"
+            )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ def sharing_summary(rows: list[dict]) -> str:
     devs = [r["sharing_deviation"] for r in rows]
     weights = [a / max(b, 1) for a, b in (r["weight_bytes"] for r in rows)]
     onnx = [r["weight_bytes"][0] / max(r["onnx_bytes"], 1) for r in rows]
-    return (f"shared (4 bits): deviation from the dense graph median {statistics.median(devs):.3f} "
-            f"(max {max(devs):.3f}); weight bytes {statistics.median(weights):.2f}x smaller "
-            f"(median), ONNX file {statistics.median(onnx):.2f}x smaller than the dense weights")
+    return (
+        f"shared (4 bits): deviation from the dense graph median {statistics.median(devs):.3f} "
+        f"(max {max(devs):.3f}); weight bytes {statistics.median(weights):.2f}x smaller "
+        f"(median), ONNX file {statistics.median(onnx):.2f}x smaller than the dense weights"
+    )
 
 
 def factorization_summary(rows: list[dict]) -> str:
@@ -47,9 +49,11 @@ def factorization_summary(rows: list[dict]) -> str:
     applied = [r for r in rows if r.get("applicable")]
     macs = [r["macs"] for r in applied]
     worst = max(r["full_rank_deviation"] for r in rows)
-    return (f"factorized: {len(applied)} with conv/linear layers; energy 0.6 keeps "
-            f"{statistics.median(macs):.2f} of the MACs (median, {min(macs):.2f}-{max(macs):.2f}); "
-            f"full rank matches within {worst:.1e}")
+    return (
+        f"factorized: {len(applied)} with conv/linear layers; energy 0.6 keeps "
+        f"{statistics.median(macs):.2f} of the MACs (median, {min(macs):.2f}-{max(macs):.2f}); "
+        f"full rank matches within {worst:.1e}"
+    )
 
 
 def quantization_summary(rows: list[dict]) -> str:
@@ -61,10 +65,12 @@ def quantization_summary(rows: list[dict]) -> str:
     integer = [r for r in rows if any(is_integer_kernel(k) for k in r.get("kernels", ()))]
     shares = [r["integer_share"] for r in rows if "integer_share" in r]
     devs = [r["deviation"] for r in rows]
-    return (f"quantized: {len(integer)}/{len(rows)} ran integer kernels (QLinear*, QGemm, "
-            f"*Integer*), median {statistics.median(shares):.2f} of ORT's kernel time in them; "
-            f"deviation from the float graph median {statistics.median(devs):.3f} "
-            f"(max {max(devs):.3f})")
+    return (
+        f"quantized: {len(integer)}/{len(rows)} ran integer kernels (QLinear*, QGemm, "
+        f"*Integer*), median {statistics.median(shares):.2f} of ORT's kernel time in them; "
+        f"deviation from the float graph median {statistics.median(devs):.3f} "
+        f"(max {max(devs):.3f})"
+    )
 
 
 def main() -> int:
@@ -74,8 +80,11 @@ def main() -> int:
     ap.add_argument("--passes", default="fuse")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default="build/zoo.json")
-    ap.add_argument("--resume", action="store_true",
-                    help="keep the results already in --json and run only the models missing")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in --json and run only the models missing",
+    )
     args = ap.parse_args()
     names = [m for m in args.models.split(",") if m] or zoo_names()
     results = []

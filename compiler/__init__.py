@@ -13,6 +13,15 @@ from compiler.ops.table import register_op
 from compiler.pass_manager import Pass, PassManager, register_pass, register_preset
 
 __all__ = [
-    "CompiledModel", "Graph", "Node", "Pass", "PassManager", "SlimgraphError", "Value", "compile",
-    "register_op", "register_pass", "register_preset",
+    "CompiledModel",
+    "Graph",
+    "Node",
+    "Pass",
+    "PassManager",
+    "SlimgraphError",
+    "Value",
+    "compile",
+    "register_op",
+    "register_pass",
+    "register_preset",
 ]

@@ -32,8 +32,6 @@ def _torch_module(graph: Graph) -> Any:
 set_pass_context(PassContext(torch_module=_torch_module))
 
 
-
-
 def _backend_compiler(backend: str) -> Callable[[Graph], Any]:
     if backend == "torch":
         from backends.torch.backend import compile_torch
@@ -46,11 +44,12 @@ def _backend_compiler(backend: str) -> Callable[[Graph], Any]:
     if backend == "numba":
         try:
             from backends.numba.backend import compile_numba
-        except ImportError:
+        except ImportError as e:  # numba (or its llvmlite) missing or broken in this environment
             raise OptionError(
-                "the numba backend is not available yet",
-                hint="use backend='torch' or backend='onnx'",
-            ) from None
+                f"the numba backend cannot be imported: {e}",
+                hint="pip install numba (it is a dependency of slimgraph), or use "
+                "backend='torch' or backend='onnx'",
+            ) from e
         return compile_numba
     raise OptionError(f"unknown backend {backend!r}", hint=f"use one of {BACKENDS}")
 
@@ -128,8 +127,10 @@ def _to_graph(model: Any, example_inputs: Any) -> Graph:
     if isinstance(model, Graph):
         return model.clone()
     if example_inputs is None:
-        raise InputError("compile() needs example_inputs to trace a torch model",
-                         hint="pass e.g. torch.randn(1, 3, 224, 224)")
+        raise InputError(
+            "compile() needs example_inputs to trace a torch model",
+            hint="pass e.g. torch.randn(1, 3, 224, 224)",
+        )
     from compiler.frontend import trace
 
     return trace(model, example_inputs)
@@ -201,9 +202,14 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
         bar = tqdm(total=len(passes), desc="passes", unit="pass")
     # ``bar is not None``, never ``if bar``: a tqdm's truth is its length, which raises for a bar
     # without a total and is 0 (False) for a bar that has not counted yet.
-    manager = PassManager(passes=passes, example_inputs=inputs, tolerance=tolerance,
-                          progress=(lambda name: (bar.set_postfix_str(name), bar.update()))
-                          if bar is not None else None)
+    manager = PassManager(
+        passes=passes,
+        example_inputs=inputs,
+        tolerance=tolerance,
+        progress=(lambda name: (bar.set_postfix_str(name), bar.update()))
+        if bar is not None
+        else None,
+    )
     try:
         manager.run(graph)
     finally:

@@ -36,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         help="example input shape, e.g. 1,3,224,224 (default: 1,3,224,224)",
     )
     c.add_argument("--no-check", action="store_true", help="skip the numeric check after passes")
-    c.add_argument("--calibration", default=None, metavar="FILE.npy",
-                   help="calibration inputs stacked along the batch axis, for quantize etc.")
+    c.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE.npy",
+        help="calibration inputs stacked along the batch axis, for quantize etc.",
+    )
     c.add_argument("--json", action="store_true", help="also write the report as JSON")
     c.add_argument("--print-ir", action="store_true", help="print the final IR")
     g = sub.add_parser("groups", help="print the prunable channel groups of a model")
@@ -72,8 +76,10 @@ def _compress(args: argparse.Namespace) -> int:
         try:
             calibration = np.load(args.calibration)
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot read calibration data {args.calibration!r}: {e}",
-                             hint="give a .npy file saved with numpy.save") from e
+            raise InputError(
+                f"cannot read calibration data {args.calibration!r}: {e}",
+                hint="give a .npy file saved with numpy.save",
+            ) from e
     compiled = compile(
         model,
         example,

@@ -169,14 +169,18 @@ def parse_pass_spec(spec: str) -> Pass:
     name, _, rest = spec.partition("(")
     name = name.strip()
     if name not in PASSES or not rest.endswith(")"):
-        raise OptionError(f"cannot read pass spec {spec!r}",
-                          hint="write name(option=value, ...), e.g. prune-channels(ratio=0.3)")
+        raise OptionError(
+            f"cannot read pass spec {spec!r}",
+            hint="write name(option=value, ...), e.g. prune-channels(ratio=0.3)",
+        )
     try:
         call = ast.parse(f"f({rest}", mode="eval").body
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except (SyntaxError, ValueError) as e:
-        raise OptionError(f"cannot read the options of {spec!r}: {e}",
-                          hint="options are Python literals: numbers, strings, tuples") from e
+        raise OptionError(
+            f"cannot read the options of {spec!r}: {e}",
+            hint="options are Python literals: numbers, strings, tuples",
+        ) from e
     if call.args or None in kwargs:
         raise OptionError(f"pass options must be named in {spec!r}")
     try:

@@ -11,15 +11,20 @@ import sys
 
 import torch
 
-from backends.torch.backend import to_graph
-from benchmarks.harness import cifar, compile
-from compiler.report import graph_stats
-from passes.pruning.prune import PruneChannels
+# the CIFAR models and data loaders live in the repository's benchmark harness, not the library
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from backends.torch.backend import to_graph  # noqa: E402
+from benchmarks.harness import cifar  # noqa: E402
+from compiler import compile  # noqa: E402
+from compiler.report import graph_stats  # noqa: E402
+from passes.pruning.prune import PruneChannels  # noqa: E402
 
 
 def main(epochs: float = 1.0, out_dir: str = "build", images: int = 2000):
-    if not cifar.data_available("cifar10/test_dev_2k.npz", "cifar10/train_20k.npz",
-                                "resnet_cifar10"):
+    if not cifar.data_available(
+        "cifar10/test_dev_2k.npz", "cifar10/train_20k.npz", "resnet_cifar10"
+    ):
         print(f"no CIFAR data under {cifar.data_dir()}; set SLIMGRAPH_DATA")
         return None
     x_dev, y_dev = cifar.load_cifar("test_dev_2k")
@@ -33,8 +38,10 @@ def main(epochs: float = 1.0, out_dir: str = "build", images: int = 2000):
     pruner = PruneChannels(target=0.5, scope="global", criterion="l1", round_to=8, shortcut=False)
     pruned = compile(model, x, passes=[pruner])
     print(pruned.report)
-    print(f"accuracy: float {cifar.evaluate(model, x_dev, y_dev):.2f} %, "
-          f"pruned {cifar.evaluate(pruned, x_dev, y_dev, batch_size=1000):.2f} %")
+    print(
+        f"accuracy: float {cifar.evaluate(model, x_dev, y_dev):.2f} %, "
+        f"pruned {cifar.evaluate(pruned, x_dev, y_dev, batch_size=1000):.2f} %"
+    )
 
     # 2. A short fine-tune of the pruned network through the torch backend.
     module = pruned.to_torch()

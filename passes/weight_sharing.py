@@ -270,8 +270,9 @@ class ShareWeights(Pass):
     def groups_for(self, value: Value) -> int:
         """``groups``, or its largest divisor that divides the layer's output channels."""
         channels = value.shape[0]
-        return max(d for d in range(1, self.groups + 1) if self.groups % d == 0 and
-                   channels % d == 0)
+        return max(
+            d for d in range(1, self.groups + 1) if self.groups % d == 0 and channels % d == 0
+        )
 
     # -- sharing one weight ----------------------------------------------------------------------
     def _share(self, graph: Graph, value: Value, users: list[Node]) -> tuple[Value, Value]:

@@ -222,8 +222,10 @@ def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) 
     try:
         reference = run(graph, [x])
         full = graph.clone()
-        PassManager(passes=[FactorizeRank(energy=1.0, form="channel", require_saving=False)],
-                    example_inputs=None).run(full)
+        PassManager(
+            passes=[FactorizeRank(energy=1.0, form="channel", require_saving=False)],
+            example_inputs=None,
+        ).run(full)
         r["applicable"] = bool(full.meta["factorization"]["layers"])
         r["full_rank_deviation"] = deviation(reference, run(full, [x]))
         del full  # at full rank a layer's factors outweigh it: free them before the next graph
@@ -237,7 +239,8 @@ def check_factorization(graph, x, tolerance: float = 1e-4, energy: float = 0.6) 
         o_out = compile_onnx(low).run(x)
         n_out = compile_numba(low).run(x)
         r["backend_deviations"] = {
-            "torch": deviation(ref, t_out), "onnx": deviation(ref, o_out),
+            "torch": deviation(ref, t_out),
+            "onnx": deviation(ref, o_out),
             "numba": deviation(ref, n_out),
         }
         r["backend_deviation"] = max(r["backend_deviations"].values())
@@ -331,8 +334,9 @@ def check_quantization(graph, x, samples: int = 4) -> dict:
     r: dict = {"quantized": False}
     try:
         rng = np.random.default_rng(0)
-        calib = np.concatenate([x] + [rng.standard_normal(x.shape).astype(x.dtype)
-                                      for _ in range(samples - 1)])
+        calib = np.concatenate(
+            [x] + [rng.standard_normal(x.shape).astype(x.dtype) for _ in range(samples - 1)]
+        )
         q = graph.clone()
         PassManager(passes=[Quantize(calibration_data=calib)], example_inputs=None).run(q)
         meta = q.meta.get("quantization", {})

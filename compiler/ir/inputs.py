@@ -30,7 +30,9 @@ def calibration_inputs(graph: Graph, data: Any) -> list[np.ndarray]:
     """
     specs = graph.inputs
     if hasattr(data, "shape") or (
-        isinstance(data, (list, tuple)) and len(specs) > 1 and len(data) == len(specs)
+        isinstance(data, (list, tuple))
+        and len(specs) > 1
+        and len(data) == len(specs)
         and all(hasattr(d, "shape") and len(d.shape) == len(v.shape) for d, v in zip(data, specs))
     ):
         samples = [data if hasattr(data, "shape") else tuple(data)]
@@ -44,8 +46,10 @@ def calibration_inputs(graph: Graph, data: Any) -> list[np.ndarray]:
                 hint="pass a list of arrays shaped like the example input",
             ) from None
     if not samples:
-        raise InputError("calibration data is empty",
-                         hint="give at least one example input (100-1000 is typical)")
+        raise InputError(
+            "calibration data is empty",
+            hint="give at least one example input (100-1000 is typical)",
+        )
     columns: list[list[np.ndarray]] = [[] for _ in specs]
     for k, sample in enumerate(samples):
         arrays = sample if isinstance(sample, (list, tuple)) else [sample]
@@ -75,6 +79,7 @@ def calibration_inputs(graph: Graph, data: Any) -> list[np.ndarray]:
             column.append(array)
     stacked = [np.concatenate(c) for c in columns]
     if len(stacked[0]) == 0:
-        raise InputError("calibration data is empty (zero rows)",
-                         hint="give at least one example input")
+        raise InputError(
+            "calibration data is empty (zero rows)", hint="give at least one example input"
+        )
     return stacked

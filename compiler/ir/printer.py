@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     from compiler.ir.graph import Graph, Value
 
 
-
 def format_attr(value: Any) -> str:
     if isinstance(value, float):
         return repr(round(value, 6))

@@ -145,7 +145,9 @@ def run_calibration(
     count = n // traced
     return {
         v.name: TensorStats(
-            lo[v.name], hi[v.name], np.concatenate(samples[v.name]),
+            lo[v.name],
+            hi[v.name],
+            np.concatenate(samples[v.name]),
             sums[v.name] / count if v.name in sums else None,
         )
         for v in values

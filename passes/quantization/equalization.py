@@ -79,14 +79,25 @@ def _equalize(graph: Graph, first: Node, second: Node) -> None:
     s[ok] = np.sqrt(r1[ok] / r2[ok])
     shape1 = (-1,) + (1,) * (w1.ndim - 1)
     shape2 = (1, -1) + (1,) * (w2.ndim - 2)
-    set_constant(graph, first, 1, (w1 / s.reshape(shape1)).astype(first.inputs[1].dtype),
-                 f"{first.inputs[1].name}_eq")
+    set_constant(
+        graph,
+        first,
+        1,
+        (w1 / s.reshape(shape1)).astype(first.inputs[1].dtype),
+        f"{first.inputs[1].name}_eq",
+    )
     b = first.inputs[2] if len(first.inputs) > 2 else None
     if b is not None:
-        set_constant(graph, first, 2, (b.data.astype(np.float64) / s).astype(b.dtype),
-                     f"{b.name}_eq")
-    set_constant(graph, second, 1, (w2 * s.reshape(shape2)).astype(second.inputs[1].dtype),
-                 f"{second.inputs[1].name}_eq")
+        set_constant(
+            graph, first, 2, (b.data.astype(np.float64) / s).astype(b.dtype), f"{b.name}_eq"
+        )
+    set_constant(
+        graph,
+        second,
+        1,
+        (w2 * s.reshape(shape2)).astype(second.inputs[1].dtype),
+        f"{second.inputs[1].name}_eq",
+    )
 
 
 def channel_range_spread(w: np.ndarray) -> float:
