@@ -145,6 +145,22 @@ def _check_inputs(graph: Graph, example_inputs: Any) -> list[np.ndarray]:
     return [_to_numpy(x) for x in ex]
 
 
+def check_passes(passes: Any, has_data: bool) -> list[Pass]:
+    """Resolve ``passes`` and check what can be checked before any work: names, options, and that
+    every pass needing calibration data gets some."""
+    resolved = resolve_passes(passes)
+    if not has_data:
+        for p in resolved:
+            missing = p.missing_data()
+            if missing:
+                raise OptionError(
+                    f"pass '{p.name}': {missing}",
+                    hint="pass compile(..., calibration_data=[x1, x2, ...]) (the CLI's "
+                    "--calibration FILE.npy), or the pass's own calibration_data=",
+                )
+    return resolved
+
+
 def _with_calibration(passes: Sequence[Any], data: list[np.ndarray] | None) -> list[Pass]:
     """Pass instances; each dataclass pass with a ``calibration_data`` field left at None gets a
     copy with ``data`` (the user's instance is not changed)."""
@@ -163,7 +179,7 @@ def _with_calibration(passes: Sequence[Any], data: list[np.ndarray] | None) -> l
 def compile(  # noqa: A001 - the entry point's name is part of the user's design
     model: Any,
     example_inputs: Sequence[Any] | Any = None,
-    passes: Sequence[str | Pass | type[Pass]] = (),
+    passes: str | Sequence[str | Pass | type[Pass]] = (),
     backend: str = "torch",
     *,
     check: bool = True,
@@ -177,7 +193,8 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
         model: a ``torch.nn.Module`` (never modified) or an IR ``Graph`` (copied).
         example_inputs: a tensor/array or a tuple of them; fixes the static input shapes and is
             what each pass's output is compared on.
-        passes: pass names, presets (e.g. ``"fuse"``), pass classes or configured instances.
+        passes: pass names, presets (e.g. ``"fuse"``), pass classes or configured instances;
+            or one string, a comma-separated list as the CLI's ``--passes`` takes.
         backend: ``"torch"``, ``"onnx"`` or ``"numba"``.
         check: compare outputs before and after every pass (exact passes must match within
             ``tolerance``; lossy passes record their deviation in the report).
@@ -190,7 +207,9 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
     Returns:
         A :class:`CompiledModel`.
     """
-    _backend_compiler(backend)  # fail fast on a bad backend name
+    # everything that can be checked without the model is checked before tracing (seconds)
+    _backend_compiler(backend)
+    passes = check_passes(passes, has_data=calibration_data is not None)
     graph = _to_graph(model, example_inputs)
     inputs = _check_inputs(graph, example_inputs) if check else None
     calib = None if calibration_data is None else calibration_inputs(graph, calibration_data)

@@ -55,31 +55,50 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _read_calibration(path: str):
+    import numpy as np
+
+    from compiler.errors import InputError
+
+    try:
+        return np.load(path, allow_pickle=False)  # a .npy from elsewhere runs no code
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"cannot read calibration data {path!r}: {e}",
+            hint="give a .npy file saved with numpy.save",
+        ) from e
+
+
+def _check_writable(folder: str) -> None:
+    """Create ``folder`` and write a probe file in it, so a bad --out fails before the work."""
+    import tempfile
+
+    from compiler.errors import InputError
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".slimgraph-probe-"):
+            pass
+    except OSError as e:
+        raise InputError(
+            f"cannot write to the output folder {folder!r}: {e.strerror or e}",
+            hint="give --out a folder you can write to (it is created if missing)",
+        ) from e
+
+
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
-    from compiler.api import compile
+    from compiler.api import check_passes, compile
     from compiler.frontend.models import load_model
 
+    # every check that needs no model first: a typo costs a second, not a trace
+    passes = check_passes(args.passes, has_data=bool(args.calibration))
+    calibration = _read_calibration(args.calibration) if args.calibration else None
+    _check_writable(args.out)
     model = load_model(args.model)
     shape = args.input_shape or (1, 3, 224, 224)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    from compiler.pass_manager import split_pass_list
-
-    passes = split_pass_list(args.passes)
-    calibration = None
-    if args.calibration:
-        import numpy as np
-
-        from compiler.errors import InputError
-
-        try:
-            calibration = np.load(args.calibration)
-        except (OSError, ValueError) as e:
-            raise InputError(
-                f"cannot read calibration data {args.calibration!r}: {e}",
-                hint="give a .npy file saved with numpy.save",
-            ) from e
     compiled = compile(
         model,
         example,

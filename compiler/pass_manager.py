@@ -36,6 +36,15 @@ class Pass:
         except TypeError:  # not a dataclass
             return {}
 
+    def missing_data(self) -> str | None:
+        """What this pass needs and was not given (calibration data, labels), or None.
+
+        ``compile()`` asks before tracing, so a pass that cannot run fails in a second, not after
+        the model was traced and earlier passes ran. ``compile(..., calibration_data=...)`` fills
+        the pass's data afterwards, so it only asks when no data was given there.
+        """
+        return None
+
     def changed_options(self) -> dict[str, Any]:
         """Options that differ from their defaults (what a report needs to show)."""
         try:
@@ -136,29 +145,64 @@ def load_passes() -> None:
             load()
 
 
-def resolve_passes(specs: Iterable[str | Pass | type[Pass]]) -> list[Pass]:
-    """Turn pass names, presets, classes and instances into a flat list of pass instances."""
+def _nearest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_pass(spec: str) -> OptionError:
+    known = sorted(PASSES) + sorted(f"{p} (preset)" for p in PRESETS)
+    return OptionError(
+        f"unknown pass {spec!r}{_nearest(spec, [*PASSES, *PRESETS])}",
+        hint="use one of: " + ", ".join(known) + "; or register your own with @register_pass",
+    )
+
+
+def make_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
+    """``cls(**options)``, with an unknown option named beside the valid ones and the nearest."""
+    try:
+        valid = [f.name for f in fields(cls) if f.init]
+    except TypeError:  # not a dataclass: the constructor says what it takes
+        valid = None
+    unknown = [k for k in options if valid is not None and k not in valid]
+    if unknown:
+        raise OptionError(
+            f"pass '{cls.name}' has no option {unknown[0]!r}{_nearest(unknown[0], valid)}",
+            hint=f"its options: {', '.join(valid)} (slimgraph passes --verbose describes them)",
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"bad options for pass '{cls.name}': {e}") from e
+
+
+def resolve_passes(specs: str | Iterable[str | Pass | type[Pass]]) -> list[Pass]:
+    """Turn pass names, presets, classes and instances into a flat list of pass instances.
+
+    A string is read as a comma-separated pass list (``"fuse,prune-channels(target=0.5)"``), as the
+    CLI's ``--passes`` is; names, option names and option syntax are all checked here, before any
+    work is done.
+    """
     load_passes()
+    if isinstance(specs, str):
+        specs = split_pass_list(specs)
     out: list[Pass] = []
     for spec in specs:
         if isinstance(spec, Pass):
             out.append(spec)
         elif isinstance(spec, type) and issubclass(spec, Pass):
-            out.append(spec())
+            out.append(make_pass(spec, {}))
         elif isinstance(spec, str) and "(" in spec:
             out.append(parse_pass_spec(spec))
-        elif isinstance(spec, str) and spec in PRESETS:
-            out.extend(resolve_passes(PRESETS[spec]))
-        elif isinstance(spec, str) and spec in PASSES:
-            out.append(PASSES[spec]())
+        elif isinstance(spec, str) and spec.strip() in PRESETS:
+            out.extend(resolve_passes(PRESETS[spec.strip()]))
+        elif isinstance(spec, str) and spec.strip() in PASSES:
+            out.append(make_pass(PASSES[spec.strip()], {}))
         else:
-            known = sorted(PASSES) + sorted(f"{p} (preset)" for p in PRESETS)
-            raise OptionError(
-                f"unknown pass {spec!r}",
-                hint="use one of: "
-                + ", ".join(known)
-                + "; or register your own with @register_pass",
-            )
+            raise _unknown_pass(str(spec))
     return out
 
 
@@ -168,7 +212,9 @@ def parse_pass_spec(spec: str) -> Pass:
 
     name, _, rest = spec.partition("(")
     name = name.strip()
-    if name not in PASSES or not rest.endswith(")"):
+    if name not in PASSES and rest.rstrip().endswith(")"):
+        raise _unknown_pass(name)
+    if name not in PASSES or not rest.rstrip().endswith(")"):
         raise OptionError(
             f"cannot read pass spec {spec!r}",
             hint="write name(option=value, ...), e.g. prune-channels(ratio=0.3)",
@@ -183,10 +229,7 @@ def parse_pass_spec(spec: str) -> Pass:
         ) from e
     if call.args or None in kwargs:
         raise OptionError(f"pass options must be named in {spec!r}")
-    try:
-        return PASSES[name](**kwargs)
-    except TypeError as e:
-        raise OptionError(f"bad options for pass '{name}': {e}") from e
+    return make_pass(PASSES[name], kwargs)
 
 
 def split_pass_list(text: str) -> list[str]:

@@ -166,6 +166,11 @@ class Quantize(Pass):
                 return bits, "layer_bits" if bits is None else ""
         return self.weight_bits, ""
 
+    def missing_data(self) -> str | None:
+        if self.calibration_data is None:
+            return f"{self.name} needs calibration data (example inputs to measure ranges on)"
+        return None
+
     def run(self, graph: Graph) -> bool:
         data = calibration_arrays(graph, self.calibration_data, "quantize")
         plan: dict[int, int] = {}

@@ -11,9 +11,12 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from compiler.api import compile
+from compiler.cli import main
+from compiler.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,3 +94,109 @@ def test_first_hour_1_compile_with_progress_bar(capsys):
     compiled = compile(model, torch.randn(1, 3, 8, 8), passes=["fuse"], progress=True)
     assert compiled.report.rows
     assert "passes" in capsys.readouterr().err
+
+
+def _never_traced(monkeypatch):
+    """Make tracing fail loudly: a check that must come before the work sees no trace."""
+    import compiler.api
+
+    def trace(*args, **kwargs):
+        raise AssertionError("the model was traced before the error was found")
+
+    monkeypatch.setattr(compiler.api, "_to_graph", trace)
+
+
+TINY = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+
+
+def test_first_hour_5_a_string_of_passes_is_a_pass_list():
+    compiled = compile(TINY, torch.randn(1, 3, 8, 8), passes="fuse,fold-constants")
+    names = [row.name for row in compiled.report.rows]
+    assert "fold-batch-norm" in names and names.count("fold-constants") == 2  # fuse, then again
+
+
+@pytest.mark.parametrize(
+    "passes, message",
+    [
+        ("fuze", "unknown pass 'fuze' (did you mean 'fuse'?)"),
+        ("prune-channels(targt=0.5)", "has no option 'targt' (did you mean 'target'?)"),
+        ("prune-channels(target=0.5", "cannot read pass spec"),
+        ("prune-channels(target=0.5,)x", "cannot read pass spec"),
+        ("quantize", "quantize needs calibration data"),
+    ],
+)
+def test_first_hour_5_pass_errors_come_before_tracing(monkeypatch, passes, message):
+    _never_traced(monkeypatch)
+    with pytest.raises(OptionError) as info:
+        compile(TINY, torch.randn(1, 3, 8, 8), passes=passes)
+    assert message in str(info.value)
+    assert "Fix:" in str(info.value)
+
+
+def test_first_hour_5_an_unknown_option_lists_the_valid_ones(monkeypatch):
+    _never_traced(monkeypatch)
+    with pytest.raises(OptionError) as info:
+        compile(TINY, torch.randn(1, 3, 8, 8), passes=["share-weights(bitz=4)"])
+    text = str(info.value)
+    assert "'bitz'" in text and "did you mean 'bits'" in text and "bits" in text.split("Fix:")[1]
+
+
+def test_first_hour_5_cli_checks_data_and_options_before_loading_the_model(
+    tmp_path, capsys, monkeypatch
+):
+    import compiler.frontend.models
+
+    def load(spec):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(compiler.frontend.models, "load_model", load)
+    assert (
+        main(
+            [
+                "compress",
+                "torchvision:resnet18",
+                "--passes",
+                "quantize",
+                "--calibration",
+                str(tmp_path / "missing.npy"),
+            ]
+        )
+        == 2
+    )
+    assert "cannot read calibration data" in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--passes", "quantize"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--passes", "fold-constants(x=1)"]) == 2
+    assert "has no option 'x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_first_hour_4_a_bad_output_folder_fails_before_the_work(
+    tmp_path, capsys, monkeypatch, where
+):
+    import compiler.frontend.models
+
+    def load(spec):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(compiler.frontend.models, "load_model", load)
+    if where == "file":  # a file where a folder should be
+        out = tmp_path / "taken"
+        out.write_text("")
+    else:
+        out = Path("/proc/slim")
+    assert main(["compress", "torchvision:resnet18", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the output folder" in err and "Traceback" not in err
+
+
+def test_first_hour_2_the_readme_snippet_needs_only_runtime_dependencies():
+    # backend="onnx" in the README's snippet runs in ONNX Runtime: a plain `pip install .` must
+    # bring it (it used to be a test extra only)
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in deps}
+    readme = (ROOT / "README.md").read_text()
+    assert 'backend="onnx"' in readme
+    assert {"onnxruntime", "torch", "numba", "numpy", "onnx", "tqdm"} <= names
