@@ -92,6 +92,11 @@ def _kept_fn(groups: ChannelGroups, removed: np.ndarray):
     return kept
 
 
+def kept_indices_fn(groups: ChannelGroups, removed: np.ndarray):
+    """``kept(value, axis)``: the indices along ``axis`` of ``value`` that a removal keeps."""
+    return _kept_fn(groups, removed)
+
+
 def removed_mask(groups: ChannelGroups, plan: Iterable[int]) -> np.ndarray:
     removed = np.zeros(groups.n_elements, bool)
     removed[list(plan)] = True

@@ -10,11 +10,18 @@ from typing import Any
 import numpy as np
 
 from compiler.analysis.allocate import BudgetError, bisect_budget
+from compiler.analysis.reconstruct import reconstruct as refit_layers
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph
 from compiler.pass_manager import Pass, register_pass
 from compiler.report import graph_stats
-from passes.pruning.apply import apply_plan, prune_and_prove, view_for_clone
+from passes.pruning.apply import (
+    apply_plan,
+    kept_indices_fn,
+    prune_and_prove,
+    removed_mask,
+    view_for_clone,
+)
 from passes.pruning.criteria import NEEDS_DATA, NEEDS_LABELS, Context, get_criterion
 from passes.pruning.groups import ChannelGroups, Group
 
@@ -47,8 +54,20 @@ class PruneChannels(Pass):
         shortcut: also prune residual streams (channels tied across a stage by adds); False prunes
             only block-internal channels.
         calibration_data: inputs (an array, or a list with one array per graph input) for the
-            data-driven criteria; labels: their class labels (di, taylor).
+            data-driven criteria and for reconstruction.
+        labels: the calibration inputs' class labels (di, taylor).
         prove: check mask equivalence after pruning.
+        seed: seeds the random criterion.
+        reconstruct: after removing channels, refit every conv2d/linear that lost input channels
+            by least squares on ``calibration_data`` (no labels) so it reproduces the unpruned
+            layer's output (compiler/analysis/reconstruct.py). None (default): on when
+            calibration data is given, and layers with too few samples are then skipped with a
+            note; True: required (an error without data or with too few samples).
+        reconstruct_ridge: the ridge penalty of the refit, relative to the mean of diag(X^T X).
+        reconstruct_residual: a layer with a fused residual add fits the original's
+            ``conv + b + residual`` minus the pruned graph's residual (absorbing the error of the
+            residual stream too) instead of the original's ``conv + b`` alone.
+        progress: show a progress bar while reconstructing.
     """
 
     name = "prune-channels"
@@ -66,6 +85,10 @@ class PruneChannels(Pass):
     labels: Any = field(default=None, repr=False)
     prove: bool = True
     seed: int = 0
+    reconstruct: bool | None = None
+    reconstruct_ridge: float = 1e-4
+    reconstruct_residual: bool = True
+    progress: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.target is None):
@@ -99,6 +122,12 @@ class PruneChannels(Pass):
             )
         if name in NEEDS_LABELS and self.labels is None:
             raise OptionError(f"criterion '{name}' needs labels", hint="pass labels=<class ids>")
+        if self.reconstruct and self.calibration_data is None:
+            raise OptionError(
+                "reconstruct=True needs calibration data",
+                hint="pass calibration_data=<example inputs> (no labels needed) to the pass or "
+                "to compile(), or reconstruct=False",
+            )
 
     # -- the pass ---------------------------------------------------------------------------------
     def run(self, graph: Graph) -> bool:
@@ -113,9 +142,47 @@ class PruneChannels(Pass):
             plan = self._plan(groups, scores, self.ratio)
         if not plan:
             return False
+        rebuild = self.reconstruct is not False and self.calibration_data is not None
+        if rebuild:
+            original = graph.clone()
+            layers = _refit_layers(graph, analysis, plan)
         dev = prune_and_prove(graph, analysis, plan, prove=self.prove)
         graph.meta["pruning"] = {"removed": len(plan), "groups": len(groups), "mask_deviation": dev}
+        if rebuild:
+            self._reconstruct(original, graph, layers)
         return True
+
+    def _reconstruct(self, original: Graph, graph: Graph, layers: dict) -> None:
+        data = self.calibration_data
+        data = list(data) if isinstance(data, (list, tuple)) else [data]
+        result = refit_layers(
+            original,
+            graph,
+            [np.asarray(d) for d in data],
+            layers,
+            ridge=self.reconstruct_ridge,
+            skip_underdetermined=self.reconstruct is None,
+            compensate_residual=self.reconstruct_residual,
+            progress=self.progress,
+        )
+        graph.meta["pruning"]["reconstruction"] = {
+            "layers": len(result.layers),
+            "skipped": dict(result.skipped),
+            "samples": result.samples,
+            "deviation_before": result.deviation_before,
+            "deviation_after": result.deviation_after,
+            "seconds": result.seconds,
+        }
+        note = (
+            f"prune-channels: refit {len(result.layers)} layer(s) by least squares on "
+            f"{result.samples} calibration samples: output deviation "
+            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
+            f"({result.seconds:.1f} s)"
+        )
+        if result.skipped:
+            name, why = next(iter(result.skipped.items()))
+            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
+        graph.meta["notes"] = [*graph.meta.get("notes", ()), note]
 
     def _eligible(self, graph: Graph, analysis: ChannelGroups) -> list[Group]:
         sources = {g.id: set(analysis.sources(g)) for g in analysis.groups}
@@ -215,6 +282,20 @@ class PruneChannels(Pass):
                 hint="raise the target, lower min_channels/round_to, or drop ignore patterns",
             ) from None
         return self._plan(groups, scores, ratio)
+
+
+def _refit_layers(graph: Graph, analysis: ChannelGroups, plan: list[int]) -> dict:
+    """The conv2d/linear nodes that lose input channels under ``plan`` (computed before it is
+    applied), each with the indices of its output channels that stay."""
+    kept = kept_indices_fn(analysis, removed_mask(analysis, plan))
+    layers = {}
+    for node in graph.nodes:
+        if node.op not in ("conv2d", "linear") or not node.inputs[1].is_constant:
+            continue
+        w = node.inputs[1]
+        if len(kept(w, 1)) < w.shape[1]:
+            layers[node.name] = kept(w, 0)
+    return layers
 
 
 def _spans_residual(graph: Graph, analysis: ChannelGroups, group: Group) -> bool:
