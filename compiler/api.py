@@ -54,6 +54,12 @@ def _backend_compiler(backend: str) -> Callable[[Graph], Any]:
     raise OptionError(f"unknown backend {backend!r}", hint=f"use one of {BACKENDS}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path = os.fspath(path)
@@ -63,6 +69,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; the artifact gets the mode any new file of the user's gets
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

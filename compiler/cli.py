@@ -49,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--input-shape", type=_shape, default=None)
     g.add_argument("--no-fuse", action="store_true", help="analyse the graph before fusion")
     p = sub.add_parser("passes", help="list the registered passes and presets")
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also each pass's options: type, default and meaning",
+    )
     p.set_defaults(command="passes")
+    one = sub.add_parser("pass", help="describe one pass: what it rewrites and its options")
+    one.add_argument("name", help="a pass or preset name, e.g. prune-channels")
     o = sub.add_parser("ops", help="list the ops in the op table")
     o.set_defaults(command="ops")
     return ap
@@ -140,15 +148,48 @@ def _groups(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_passes() -> int:
-    from compiler.pass_manager import PASSES, PRESETS, load_passes
+def _format_options(cls) -> list[str]:
+    import textwrap
+
+    from compiler.pass_manager import pass_options
+
+    lines = []
+    for o in pass_options(cls):
+        lines.append(f"    {o.name}: {o.type} = {o.default}")
+        if o.meaning:
+            lines += textwrap.wrap(o.meaning, 96, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return lines
+
+
+def _list_passes(verbose: bool = False) -> int:
+    from compiler.pass_manager import PASSES, PRESETS, load_passes, pass_summary
 
     load_passes()
     for name, cls in sorted(PASSES.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name:24s} {'exact' if cls.exact else 'lossy'}  {doc[0] if doc else ''}")
+        print(f"{name:24s} {'exact' if cls.exact else 'lossy'}  {pass_summary(cls)}")
+        if verbose:
+            print("\n".join(_format_options(cls) or ["    (no options)"]))
     for name, seq in sorted(PRESETS.items()):
         print(f"{name:24s} preset: {', '.join(seq)}")
+    return 0
+
+
+def _show_pass(name: str) -> int:
+    import inspect
+
+    from compiler.pass_manager import PASSES, PRESETS, _unknown_pass, load_passes
+
+    load_passes()
+    if name in PRESETS:
+        print(f"{name}: preset, runs {', '.join(PRESETS[name])}")
+        return 0
+    if name not in PASSES:
+        raise _unknown_pass(name)
+    cls = PASSES[name]
+    print(f"{name} ({'exact' if cls.exact else 'lossy'}, {cls.__module__}.{cls.__name__})\n")
+    print(inspect.getdoc(cls) or "")
+    print("\noptions (write them as " + name + "(option=value, ...)):")
+    print("\n".join(_format_options(cls) or ["    (no options)"]))
     return 0
 
 
@@ -169,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "groups":
             return _groups(args)
         if args.command == "passes":
-            return _list_passes()
+            return _list_passes(args.verbose)
+        if args.command == "pass":
+            return _show_pass(args.name)
         return _list_ops()
     except SlimgraphError as e:
         print(f"slimgraph: error: {e}", file=sys.stderr)

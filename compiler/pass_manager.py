@@ -145,6 +145,75 @@ def load_passes() -> None:
             load()
 
 
+@dataclass(frozen=True)
+class OptionDoc:
+    """One option of a pass, as ``slimgraph passes --verbose`` shows it."""
+
+    name: str
+    type: str
+    default: str
+    meaning: str
+
+
+def pass_summary(cls: type[Pass]) -> str:
+    """The first sentence of the pass's docstring, whole (however many lines it spans)."""
+    import inspect
+
+    paragraph = (inspect.getdoc(cls) or "").split("\n\n")[0]
+    text = " ".join(paragraph.split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def _attribute_docs(cls: type[Pass]) -> dict[str, str]:
+    """``name -> meaning`` from the docstring's ``Attributes:`` section (``a, b:`` names both)."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes:" not in doc:
+        return {}
+    out: dict[str, str] = {}
+    current: list[str] = []
+    for line in doc.split("Attributes:", 1)[1].splitlines():
+        if line and not line.startswith(" "):  # the section ended
+            break
+        head = re.match(r"^    ([\w, ]+):\s*(.*)$", line)
+        if head:
+            current = [n.strip() for n in head.group(1).split(",")]
+            for name in current:
+                out[name] = head.group(2).strip()
+        elif line.strip() and current:
+            for name in current:
+                out[name] += " " + line.strip()
+    return out
+
+
+def pass_options(cls: type[Pass]) -> list[OptionDoc]:
+    """Every option of a (dataclass) pass: name, type, default and meaning from its docstring."""
+    from dataclasses import MISSING
+
+    try:
+        declared = [f for f in fields(cls) if f.init]
+    except TypeError:
+        return []
+    meanings: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstring overrides its base's
+        if isinstance(klass, type) and issubclass(klass, Pass):
+            meanings.update(_attribute_docs(klass))
+    out = []
+    for f in declared:
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        shown = getattr(default, "__name__", None) or repr(default)
+        out.append(OptionDoc(f.name, str(f.type), shown, meanings.get(f.name, "")))
+    return out
+
+
 def _nearest(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
     import difflib

@@ -274,6 +274,10 @@ class NumbaModel:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
             self._write_package(tmp)
+            # mkdtemp makes the folder 0700; the package gets the mode of any new folder
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)
             old = None
             if path.exists():
                 old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -58,6 +58,7 @@ class FactorizeRank(Pass):
         calibration_data: inputs (an array, or one array per graph input) for data-aware errors.
         calibration_samples: input rows (conv patches) per layer used for the second moment.
         damping: relative ridge added to the second moment before its Cholesky factor.
+        seed: seeds the choice of calibration rows (conv patches) per layer.
     """
 
     name = "factorize-rank"

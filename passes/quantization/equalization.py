@@ -31,6 +31,9 @@ class EqualizeCrossLayer(Pass):
     graph output; the first has no fused residual and a relu or no activation; both weights (and
     the first bias) are float constants; the second is not a grouped conv. Channels that are
     zero in either layer are left alone. Chains are swept ``iterations`` times.
+
+    Attributes:
+        iterations: sweeps over each chain of layers (each sweep evens the ranges further).
     """
 
     name = "equalize-cross-layer"

@@ -109,6 +109,7 @@ class Quantize(Pass):
         calibration_data: one array per graph input (N rows each) or a single array; compile()
             fills it from its ``calibration_data``.
         calibration_batch: rows per interpreter run during calibration.
+        seed: seeds the sampling of activations that the histogram calibrators keep.
     """
 
     name = "quantize"
