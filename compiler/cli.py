@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slimgraph", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="trace a model, run passes, print the report, emit")
-    c.add_argument("model", help="torchvision:NAME or package.module:factory")
+    c.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:factory or FILE.pt2")
     c.add_argument(
         "--passes", default="fuse", help="comma-separated pass names or presets (default: fuse)"
     )
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="also write the report as JSON")
     c.add_argument("--print-ir", action="store_true", help="print the final IR")
     g = sub.add_parser("groups", help="print the prunable channel groups of a model")
-    g.add_argument("model", help="torchvision:NAME or package.module:factory")
+    g.add_argument("model", help="same specs as compress")
     g.add_argument("--input-shape", type=_shape, default=None)
     g.add_argument("--no-fuse", action="store_true", help="analyse the graph before fusion")
     p = sub.add_parser("passes", help="list the registered passes and presets")

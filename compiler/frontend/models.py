@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from compiler.errors import OptionError
 
 # Architectures whose input size is fixed or bounded below; every other model runs at 64x64.
@@ -100,27 +102,31 @@ def recalibrate_batch_norms(model, size: int, seed: int = 0, batch: int = 8) -> 
 
 
 def load_model(spec: str):
-    """Load ``torchvision:NAME`` or ``package.module:factory`` (a callable returning a module)."""
+    """Load a model by spec, as the CLI takes it.
+
+    Specs: ``torchvision:NAME`` (random, seeded weights), ``timm:NAME`` (random weights; needs
+    timm), ``package.module:factory`` (an ``nn.Module``, a class or a function returning one; the
+    module is looked for in the current folder too, as ``python -c "import package"`` would), or a
+    path to a ``torch.export`` program saved as ``.pt2`` (``torch.export.save``).
+    """
+    if spec.endswith(".pt2"):
+        return _load_exported(spec)
     if ":" not in spec:
         raise OptionError(
             f"model spec {spec!r} has no ':'",
-            hint="write torchvision:resnet18 or package.module:factory",
+            hint="write torchvision:resnet18, timm:resnet18, package.module:factory or FILE.pt2",
         )
     where, what = spec.split(":", 1)
     if where == "torchvision":
         if what not in zoo_names():
             raise OptionError(
-                f"torchvision has no classifier named {what!r}",
+                f"torchvision has no classifier named {what!r}" + _nearest_name(what, zoo_names()),
                 hint="see torchvision.models.list_models()",
             )
         return build(what)
-    try:
-        module = importlib.import_module(where)
-    except ImportError as e:
-        raise OptionError(
-            f"cannot import module {where!r}: {e}",
-            hint="make sure it is on PYTHONPATH (run from its folder)",
-        ) from e
+    if where == "timm":
+        return _load_timm(what)
+    module = _import_from_cwd(where)
     factory = getattr(module, what, None)
     if factory is None:
         raise OptionError(f"module {where!r} has no attribute {what!r}")
@@ -130,3 +136,76 @@ def load_model(spec: str):
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _nearest_name(word: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _import_from_cwd(where: str):
+    """Import ``where``; the current folder is searched too (a console script's sys.path lacks
+    it, so ``slimgraph compress mynet:make`` failed beside mynet.py without PYTHONPATH=.)."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(where)
+    except ImportError as e:
+        raise OptionError(
+            f"cannot import module {where!r}: {e}",
+            hint="run from the folder that holds it, or add that folder to PYTHONPATH",
+        ) from e
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _load_timm(name: str):
+    try:
+        import timm
+    except ImportError:
+        raise OptionError("timm: models need the timm package", hint="pip install timm") from None
+    try:
+        return timm.create_model(name, pretrained=False).eval()
+    except RuntimeError as e:  # timm's "Unknown model"
+        raise OptionError(f"timm has no model {name!r}: {e}", hint="see timm.list_models()") from e
+
+
+def _load_exported(path: str):
+    """The module of a saved ``torch.export`` program (``torch.export.load`` reads tensors and the
+    program's graph, not arbitrary pickles)."""
+    import torch
+
+    try:
+        program = torch.export.load(path)
+    except FileNotFoundError as e:
+        raise OptionError(f"no such file: {path!r}") from e
+    except Exception as e:  # a corrupt or foreign file: say which
+        raise OptionError(
+            f"cannot read {path!r} as a torch.export program: {type(e).__name__}: {e}",
+            hint="save it with torch.export.save(torch.export.export(model, args), 'file.pt2')",
+        ) from e
+    return ExportedModule(program.module())
+
+
+class ExportedModule(torch.nn.Module):
+    """A saved program's module. Its train/eval behaviour was fixed when it was exported, and it
+    refuses ``.eval()``, which tracing calls: the mode stops here."""
+
+    def __init__(self, program_module: torch.nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def forward(self, *args):
+        return self.program(*args)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self

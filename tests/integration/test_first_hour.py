@@ -251,3 +251,62 @@ def test_first_hour_7_artifacts_get_normal_permissions(tmp_path, backend):
     assert mode == (0o755 if backend == "numba" else 0o644), oct(mode)
     if backend == "numba":
         assert stat.S_IMODE((path / "model.py").stat().st_mode) == 0o644
+
+
+def test_first_hour_8_a_saved_export_program_is_a_model(tmp_path, capsys):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.export.save(torch.export.export(net, (x,)), str(tmp_path / "net.pt2"))
+    code = main(
+        [
+            "compress",
+            str(tmp_path / "net.pt2"),
+            "--emit",
+            "onnx",
+            "--out",
+            str(tmp_path / "o"),
+            "--input-shape",
+            "1,3,8,8",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    from compiler.frontend.models import load_model
+
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "net.pt2"))(x), net(x))
+    (tmp_path / "bad.pt2").write_text("not a program")
+    assert main(["compress", str(tmp_path / "bad.pt2")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_first_hour_8_a_factory_in_the_current_folder(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "herenet.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    from compiler.frontend.models import load_model
+
+    assert isinstance(load_model("herenet:make"), torch.nn.Module)
+    assert str(tmp_path) not in sys.path  # looked for, not left behind
+
+
+def test_first_hour_8_timm_models(monkeypatch):
+    import sys
+    import types
+
+    from compiler.frontend.models import load_model
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm missing: say what to install
+    with pytest.raises(OptionError, match="pip install timm"):
+        load_model("timm:resnet18")
+    fake = types.ModuleType("timm")
+    fake.create_model = lambda name, pretrained: (
+        torch.nn.Linear(2, 2)
+        if name == "tiny"
+        else (_ for _ in ()).throw(RuntimeError(f"Unknown model ({name})"))
+    )
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    assert isinstance(load_model("timm:tiny"), torch.nn.Linear)
+    with pytest.raises(OptionError, match="timm has no model 'nope'"):
+        load_model("timm:nope")
