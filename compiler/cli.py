@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="calibration inputs stacked along the batch axis, for quantize etc.",
     )
     c.add_argument("--json", action="store_true", help="also write the report as JSON")
+    c.add_argument(
+        "--bench",
+        action="store_true",
+        help="measure the emitted artifact's latency against the original model (torch eager)",
+    )
     c.add_argument("--print-ir", action="store_true", help="print the final IR")
     g = sub.add_parser("groups", help="print the prunable channel groups of a model")
     g.add_argument("model", help="same specs as compress")
@@ -117,6 +122,16 @@ def _compress(args: argparse.Namespace) -> int:
         calibration_data=calibration,
     )
     print(compiled.report)
+    latency = None
+    if args.bench:
+        from compiler.api import compare_latency
+
+        latency = compare_latency(model, compiled, example)
+        print(
+            f"latency at batch {shape[0]}, median of {latency['repeats']} calls, interleaved: "
+            f"original (torch eager) {latency['original_ms']:.2f} ms, emitted {args.emit} "
+            f"{latency['compiled_ms']:.2f} ms = {latency['ratio']:.2f}x its time"
+        )
     if args.print_ir:
         print(compiled.graph)
     name = args.model.split(":")[-1]
@@ -128,7 +143,7 @@ def _compress(args: argparse.Namespace) -> int:
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:
-                json.dump(compiled.report.to_dict(), f, indent=1)
+                json.dump({**compiled.report.to_dict(), "latency": latency}, f, indent=1)
 
         atomic_write(os.path.join(args.out, name + ".report.json"), write)
     return 0

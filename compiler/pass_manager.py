@@ -12,7 +12,7 @@ import numpy as np
 
 from compiler.errors import OptionError, PassError, SlimgraphError
 from compiler.ir.graph import Graph
-from compiler.report import Report, graph_stats
+from compiler.report import Report, compare_layers, graph_stats, layer_summary
 
 
 class Pass:
@@ -375,6 +375,7 @@ class PassManager:
             reference = runner(graph, self.example_inputs)
         if not self.report.rows:
             self.report.add("input", graph_stats(graph), 0.0, 0.0, changed=False)
+        layers_before = layer_summary(graph)
         original = reference
         for p in instances:
             if self.progress:
@@ -418,4 +419,6 @@ class PassManager:
             )
         # what passes want the user to know (layers left in float...), for every caller
         self.report.notes = list(graph.meta.get("notes", ()))
+        self.report.layers = compare_layers(layers_before, layer_summary(graph))
+        self.report.layer_count = len(layers_before)
         return graph

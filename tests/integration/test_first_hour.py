@@ -310,3 +310,49 @@ def test_first_hour_8_timm_models(monkeypatch):
     assert isinstance(load_model("timm:tiny"), torch.nn.Linear)
     with pytest.raises(OptionError, match="timm has no model 'nope'"):
         load_model("timm:nope")
+
+
+def test_first_hour_10_the_report_says_what_changed_per_layer():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 10),
+    ).eval()
+    passes = ["fuse", "prune-channels(ratio=0.5)", "share-weights(bits=4, min_weights=1)"]
+    report = compile(net, torch.randn(1, 3, 8, 8), passes=passes).report
+    text = str(report)
+    assert "total: " in text and "MACs" in text.split("total: ")[1]
+    assert "max dev: the largest |difference|" in text  # the column is defined
+    rows = {r.layer: r for r in report.layers}
+    assert rows["0"].before == "3->16 3x3 fp32"
+    assert rows["0"].after == "3->8 3x3 4-bit codebook"  # pruned to half, then shared
+    assert "layers changed (3 of 3" in text and "3->16 3x3 fp32" in text
+    d = report.to_dict()
+    assert d["totals"]["macs"] < 0.6 and d["layers"][0]["layer"] == "0" and d["definitions"]
+
+
+def test_first_hour_10_cli_bench_measures_the_artifact(tmp_path, capsys, monkeypatch):
+    (tmp_path / "benchnet.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)  # a factory in the current folder (item 8)
+    code = main(
+        [
+            "compress",
+            "benchnet:make",
+            "--input-shape",
+            "1,3,8,8",
+            "--bench",
+            "--json",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "latency at batch 1, median of 20 calls" in out and "emitted onnx" in out
+    import json
+
+    latency = json.loads((tmp_path / "o" / "make.report.json").read_text())["latency"]
+    assert latency["original_ms"] > 0 and latency["compiled_ms"] > 0 and latency["repeats"] >= 20
