@@ -14,7 +14,14 @@ import passes as _builtin_passes  # noqa: F401  (adds the built-in passes, loade
 from compiler.errors import InputError, OptionError
 from compiler.ir.graph import Graph
 from compiler.ir.inputs import _to_numpy, calibration_inputs
-from compiler.pass_manager import Pass, PassContext, PassManager, resolve_passes, set_pass_context
+from compiler.pass_manager import (
+    Pass,
+    PassContext,
+    PassManager,
+    pass_context,
+    resolve_passes,
+    set_pass_context,
+)
 from compiler.report import Report
 
 BACKENDS = ("torch", "onnx", "numba")
@@ -237,9 +244,12 @@ def compile(  # noqa: A001 - the entry point's name is part of the user's design
         if bar is not None
         else None,
     )
+    outer = pass_context()
+    set_pass_context(dataclasses.replace(outer, progress=progress))
     try:
         manager.run(graph)
     finally:
+        set_pass_context(outer)
         if bar is not None:
             bar.close()
     artifact = _backend_compiler(backend)(graph)

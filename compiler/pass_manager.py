@@ -80,9 +80,12 @@ class PassContext:
     Attributes:
         torch_module: ``graph -> torch.nn.Module`` computing the graph with ``nn.Parameter``
             weights in the order of ``graph.constants()`` (the module's ``_const_attrs``).
+        progress: show progress bars inside long passes (calibration, rank analysis, k-means,
+            reconstruction); ``compile(progress=True)`` sets it while its passes run.
     """
 
     torch_module: Callable[[Graph], Any] | None = None
+    progress: bool = False  # long loops inside passes show a bar (compile(progress=True))
 
     def require_torch_module(self, who: str) -> Callable[[Graph], Any]:
         if self.torch_module is None:
@@ -100,6 +103,16 @@ _context = PassContext()
 def pass_context() -> PassContext:
     """The context passes read (see :class:`PassContext`)."""
     return _context
+
+
+def progress_bar(iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
+    """``iterable`` with a progress bar when the pass context asks for one (on a terminal, a bar
+    that disappears when done; piped, nothing), else ``iterable`` itself."""
+    if not _context.progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def set_pass_context(context: PassContext) -> PassContext:

@@ -12,7 +12,7 @@ import numpy as np
 from compiler.errors import OptionError, PassError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ops.codebook import MAX_BITS, pack_indices
-from compiler.pass_manager import Pass, register_pass
+from compiler.pass_manager import Pass, pass_context, register_pass
 
 INITS = ("linear", "density", "kmeans++")
 SHAREABLE = ("conv2d", "linear")
@@ -201,7 +201,7 @@ class ShareWeights(Pass):
         skipped = self._skips(graph, layers)
         todo = [(w, users) for w, users in layers.items() if w not in skipped]
         bar = None
-        if self.progress:
+        if self.progress or pass_context().progress:
             from tqdm.auto import tqdm
 
             total = sum(w.numel for w, _ in todo)

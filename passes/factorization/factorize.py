@@ -15,7 +15,7 @@ from compiler.analysis.allocate import BudgetError
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph, Node
 from compiler.ops.nn import im2col
-from compiler.pass_manager import Pass, register_pass
+from compiler.pass_manager import Pass, progress_bar, register_pass
 from compiler.report import graph_stats
 from passes.factorization import ranks as rs
 
@@ -130,14 +130,25 @@ class FactorizeRank(Pass):
                 done[layer.node.name] = f"{choice.form} {'x'.join(map(str, choice.ranks))}"
 
         if self.target is not None:  # a global choice: every layer's candidates first
-            layers = [Layer.analyse(n, self, moments.get(n.name)) for n in nodes]
+            layers = [
+                Layer.analyse(n, self, moments.get(n.name))
+                for n in progress_bar(nodes, "factorize-rank: layers")
+            ]
             for layer, choice in zip(layers, self._allocate(graph, layers)):
                 rewrite(layer, choice)
         else:  # one layer at a time, so only one layer's SVDs are held (large zoo models)
-            for n in nodes:
+            for n in progress_bar(nodes, "factorize-rank: layers"):
                 layer = Layer.analyse(n, self, moments.get(n.name))
                 rewrite(layer, self._select(layer))
         graph.meta["factorization"] = {"layers": done, "considered": len(nodes)}
+        if not done:  # "(no change)" after a long analysis needs its reason
+            why = (
+                f"factorize-rank changed nothing: none of the {len(nodes)} eligible conv2d/linear "
+                "layers has a factorization that meets the rank setting and costs fewer MACs"
+            )
+            if self.require_saving:
+                why += " (require_saving=False factorizes anyway)"
+            graph.meta["notes"] = [*graph.meta.get("notes", ()), why]
         return bool(done)
 
     def _eligible(self, graph: Graph) -> list[Node]:

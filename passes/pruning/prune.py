@@ -13,7 +13,7 @@ from compiler.analysis.allocate import BudgetError, bisect_budget
 from compiler.analysis.reconstruct import reconstruct as refit_layers
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph
-from compiler.pass_manager import Pass, register_pass
+from compiler.pass_manager import Pass, pass_context, register_pass
 from compiler.report import graph_stats
 from passes.pruning.apply import (
     apply_plan,
@@ -163,7 +163,7 @@ class PruneChannels(Pass):
             ridge=self.reconstruct_ridge,
             skip_underdetermined=self.reconstruct is None,
             compensate_residual=self.reconstruct_residual,
-            progress=self.progress,
+            progress=self.progress or pass_context().progress,
         )
         graph.meta["pruning"]["reconstruction"] = {
             "layers": len(result.layers),

@@ -26,6 +26,7 @@ import numpy as np
 from compiler.errors import OptionError, SlimgraphError
 from compiler.ir.graph import Graph, Value
 from compiler.ir.interpreter import run
+from compiler.pass_manager import progress_bar
 
 CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
 
@@ -118,7 +119,7 @@ def run_calibration(
     hi = {v.name: -math.inf for v in values}
     samples: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
     sums = {v.name: 0.0 for v in means}
-    for chunk in chunks:
+    for chunk in progress_bar(chunks, "calibrate"):
         g, kept = graph_for(len(chunk[0]))
         if g is graph and len(chunk[0]) != traced:
             arrays = _run_per_batch(graph, chunk, values, traced)

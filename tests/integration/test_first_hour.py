@@ -356,3 +356,58 @@ def test_first_hour_10_cli_bench_measures_the_artifact(tmp_path, capsys, monkeyp
 
     latency = json.loads((tmp_path / "o" / "make.report.json").read_text())["latency"]
     assert latency["original_ms"] > 0 and latency["compiled_ms"] > 0 and latency["repeats"] >= 20
+
+
+def test_first_hour_3_long_passes_show_progress_inside(capsys):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)
+    )
+    x = torch.randn(1, 3, 12, 12)
+    passes = ["fuse", "factorize-rank(energy=0.9)", "quantize"]
+    compile(net.eval(), x, passes=passes, calibration_data=torch.randn(8, 3, 12, 12), progress=True)
+    err = capsys.readouterr().err
+    assert "factorize-rank: layers" in err and "calibrate" in err
+    compile(net.eval(), x, passes=passes, calibration_data=torch.randn(8, 3, 12, 12))
+    assert capsys.readouterr().err == ""  # not asked: quiet
+
+
+def test_first_hour_3_piped_cli_logs_are_clean(tmp_path):
+    (tmp_path / "mynet.py").write_text(FACTORY)
+    import numpy as np
+
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compiler.cli",
+            "compress",
+            "mynet:make",
+            "--passes",
+            "fuse,quantize",
+            "--calibration",
+            str(tmp_path / "calib.npy"),
+            "--input-shape",
+            "1,3,8,8",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "\r" not in proc.stderr and "calibrate" not in proc.stderr and "passes:" not in proc.stderr
+    )
+
+
+def test_first_hour_3_no_change_says_why():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval()  # nothing to gain from a rank cut
+    report = compile(net, torch.randn(1, 3, 8, 8), passes=["factorize-rank(energy=1.0)"]).report
+    assert report.rows[-1].changed is False
+    assert any("factorize-rank changed nothing" in n for n in report.notes)
