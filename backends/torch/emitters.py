@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.torch.core import EMITTERS, Emitter, emitter, torch_dtype
+from compiler.ops.table import OPS
 
 # -- elementwise -----------------------------------------------------------------------------------
 
@@ -142,8 +143,11 @@ def _epilogue(y, residual, activation, activation_attrs):
         y = y + residual
     if activation is None:
         return y
-    # the activation op's general entry: a fused activation has no node of its own to match
-    return EMITTERS.general(activation)(y, **(activation_attrs or {}))
+    # the activation op's general entry: a fused activation has no node of its own to match; its
+    # attributes get the op table's defaults, as in the reference (a fused gelu or clip may carry
+    # activation_attrs=None: the exact gelu, a clip without bounds)
+    attrs = OPS[activation].complete_attrs(activation_attrs or {}, activation)
+    return EMITTERS.general(activation)(y, **attrs)
 
 
 @emitter("conv2d")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backends.numba.emitters  # noqa: F401  (registers the numba emitters)
@@ -96,23 +96,6 @@ def check_op(backend: str, op: str, arrays, attrs=None, const=()) -> None:
     """``op`` run once on ``arrays`` (those at the positions in ``const`` constants) matches."""
     graph, inputs = one_node(op, arrays, attrs, const)
     assert_matches(backend, graph, *inputs)
-
-
-# A fused clip or gelu without activation_attrs (their defaults: no bounds, the exact gelu) fails in
-# the torch backend: its epilogue calls the activation's emitter with no keyword arguments, which
-# clip and gelu require (backends/torch/emitters.py, _epilogue). The ONNX and numba backends and
-# the reference interpreter take them.
-TORCH_FAILS = [("clip", None), ("gelu", None)]
-
-
-def xfail_torch_fused_defaults(request, backend: str, epilogue: tuple) -> None:
-    if backend == "torch" and epilogue in TORCH_FAILS:
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=BackendError,
-                reason="torch backend: a fused clip/gelu without activation_attrs",
-            )
-        )
 
 
 # -- op by op -------------------------------------------------------------------------------------
@@ -212,8 +195,6 @@ def conv_cases(draw):
 @settings(max_examples=15, deadline=None)
 @given(conv_cases())
 def test_conv2d(backend, case):
-    epilogue = (case[2]["activation"], case[2]["activation_attrs"])
-    assume(not (backend == "torch" and epilogue in TORCH_FAILS))  # see TORCH_FAILS
     g = conv_graph(*case)
     assert_matches(backend, g, *[randn(*v.shape) for v in g.inputs])
 
@@ -232,8 +213,7 @@ CONV_EPILOGUE_LAYOUTS = {
 
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=epilogue_id)
 @pytest.mark.parametrize("layout", list(CONV_EPILOGUE_LAYOUTS))
-def test_conv2d_with_fused_epilogue(request, backend, layout, epilogue):
-    xfail_torch_fused_defaults(request, backend, epilogue)
+def test_conv2d_with_fused_epilogue(backend, layout, epilogue):
     xshape, wshape, attrs, scale = CONV_EPILOGUE_LAYOUTS[layout]
     attrs = {**attrs, "activation": epilogue[0], "activation_attrs": epilogue[1]}
     g = conv_graph(xshape, wshape, attrs, True, True)
@@ -276,8 +256,7 @@ LINEAR_EPILOGUE_LAYOUTS = {
 
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=epilogue_id)
 @pytest.mark.parametrize("layout", list(LINEAR_EPILOGUE_LAYOUTS))
-def test_linear_with_fused_epilogue(request, backend, layout, epilogue):
-    xfail_torch_fused_defaults(request, backend, epilogue)
+def test_linear_with_fused_epilogue(backend, layout, epilogue):
     xshape, wshape, with_bias = LINEAR_EPILOGUE_LAYOUTS[layout]
     rshape = (*xshape[:-1], wshape[0])
     g = Graph("linear")
