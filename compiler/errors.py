@@ -67,3 +67,12 @@ class OptionError(SlimgraphError):
 
 class BackendError(SlimgraphError):
     """A backend cannot emit or run the graph."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``word``, else ``""``:
+    the tail every "unknown name" message in the project ends with."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from compiler.errors import OptionError, PassError, SlimgraphError
+from compiler.analysis.deviation import deviation
+from compiler.errors import OptionError, PassError, SlimgraphError, did_you_mean
 from compiler.ir.graph import Graph
 from compiler.report import Report, compare_layers, graph_stats, layer_summary
 
@@ -227,18 +228,10 @@ def pass_options(cls: type[Pass]) -> list[OptionDoc]:
     return out
 
 
-def _nearest(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
-    import difflib
-
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _unknown_pass(spec: str) -> OptionError:
     known = sorted(PASSES) + sorted(f"{p} (preset)" for p in PRESETS)
     return OptionError(
-        f"unknown pass {spec!r}{_nearest(spec, [*PASSES, *PRESETS])}",
+        f"unknown pass {spec!r}{did_you_mean(spec, [*PASSES, *PRESETS])}",
         hint="use one of: " + ", ".join(known) + "; or register your own with @register_pass",
     )
 
@@ -252,7 +245,7 @@ def make_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
     unknown = [k for k in options if valid is not None and k not in valid]
     if unknown:
         raise OptionError(
-            f"pass '{cls.name}' has no option {unknown[0]!r}{_nearest(unknown[0], valid)}",
+            f"pass '{cls.name}' has no option {unknown[0]!r}{did_you_mean(unknown[0], valid)}",
             hint=f"its options: {', '.join(valid)} (slimgraph passes --verbose describes them)",
         )
     try:
@@ -326,31 +319,6 @@ def split_pass_list(text: str) -> list[str]:
             current += ch
     parts.append(current.strip())
     return [p for p in parts if p]
-
-
-def deviation(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    """Max abs difference over all outputs, relative to the reference outputs' largest magnitude."""
-    # One scale for all outputs: float32 rounding is relative to the magnitudes flowing through
-    # the graph, so an output that is numerically zero next to the others (a random CNN's head
-    # summing to 2e-5 beside outputs of 4.8) must not turn reordering noise into a "deviation".
-    worst, scale = 0.0, 1e-12
-    for ref, out in zip(reference, outputs):
-        ref = np.asarray(ref, dtype=np.float64)
-        out = np.asarray(out, dtype=np.float64)
-        if ref.shape != out.shape:
-            return float("inf")
-        if ref.size == 0:
-            continue
-        finite = np.isfinite(ref)
-        # NaN or inf where the reference has a number (or the reverse) is the worst deviation;
-        # max() would otherwise skip NaN and call a graph that computes NaN "exact"
-        same = (ref == out) | (np.isnan(ref) & np.isnan(out))
-        if not np.all(same | (finite & np.isfinite(out))):
-            return float("inf")
-        scale = max(scale, float(np.abs(ref[finite]).max(initial=0.0)))
-        with np.errstate(invalid="ignore"):  # inf - inf where both are inf
-            worst = max(worst, float(np.abs(np.where(same, 0.0, ref - out)).max()))
-    return worst / scale
 
 
 @dataclass

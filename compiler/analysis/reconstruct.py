@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from compiler.analysis.deviation import deviation
 from compiler.errors import InputError, OptionError
 from compiler.ir.graph import Graph, Node
 from compiler.ops.nn import im2col
@@ -77,19 +78,6 @@ class Reconstruction:
 
 def _default_run_node(node: Node, args: list) -> list:
     return get_op(node.op).run(args, node.attrs)
-
-
-def relative_deviation(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    """Max abs difference over all outputs over the reference's largest magnitude."""
-    worst, scale = 0.0, 1e-12
-    for ref, out in zip(reference, outputs):
-        ref = np.asarray(ref, np.float64)
-        out = np.asarray(out, np.float64)
-        if ref.shape != out.shape or not np.all(np.isfinite(out)):
-            return float("inf")
-        scale = max(scale, float(np.abs(ref).max(initial=0.0)))
-        worst = max(worst, float(np.abs(ref - out).max(initial=0.0)))
-    return worst / scale
 
 
 class _Stepper:
@@ -333,8 +321,8 @@ def reconstruct(
     after = comp.finish()
     if measure:
         reference = orig.finish()
-        result.deviation_before = max(relative_deviation(r, o) for r, o in zip(reference, before))
-        result.deviation_after = max(relative_deviation(r, o) for r, o in zip(reference, after))
+        result.deviation_before = max(deviation(r, o) for r, o in zip(reference, before))
+        result.deviation_after = max(deviation(r, o) for r, o in zip(reference, after))
     result.seconds = time.perf_counter() - start
     return result
 

@@ -8,7 +8,7 @@ import importlib
 
 import torch
 
-from compiler.errors import OptionError
+from compiler.errors import OptionError, did_you_mean
 
 # Architectures whose input size is fixed or bounded below; every other model runs at 64x64.
 INPUT_SIZES = {
@@ -120,7 +120,7 @@ def load_model(spec: str):
     if where == "torchvision":
         if what not in zoo_names():
             raise OptionError(
-                f"torchvision has no classifier named {what!r}" + _nearest_name(what, zoo_names()),
+                f"torchvision has no classifier named {what!r}" + did_you_mean(what, zoo_names()),
                 hint="see torchvision.models.list_models()",
             )
         return build(what)
@@ -136,13 +136,6 @@ def load_model(spec: str):
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def _nearest_name(word: str, names: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _import_from_cwd(where: str):
