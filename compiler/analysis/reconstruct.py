@@ -9,8 +9,9 @@ batches
 - ``Y``: the ORIGINAL layer's pre-epilogue output ``conv(x, w) + b`` (before the fused residual
   add and activation), restricted to the output channels the compressed layer kept,
 
-as ``X^T X`` and ``X^T Y`` (float64), then solves the ridge problem
-``min |X W - Y|^2 + lam |W|^2`` (the bias column is not penalised) for the new weight and bias.
+as ``X^T X`` and ``X^T Y`` (float64), then hands that :class:`LayerProblem` to a solver; the
+default solves the ridge problem ``min |X W - Y|^2 + lam |W|^2`` (the bias column is not
+penalised) for the new weight and bias.
 With ``compensate_residual`` a layer with a fused residual input fits instead
 ``Y + residual_original - residual_compressed``, so it also absorbs the error of the stream.
 
@@ -22,9 +23,12 @@ refitting), and only values still to be read are held, for all batches: memory i
 live set times the number of samples, plus one layer's ``X^T X``; no activation is kept past its
 last use.
 
-Grouped and depthwise convs (``groups > 1``) are skipped, listed in
-:attr:`Reconstruction.skipped`. Layers whose weight is not a constant read by that layer only
-(shared, quantized) are skipped as well.
+Grouped and depthwise convs are solved per group (each group's outputs see only its input
+channels). What is done with each layer's accumulated problem is a :class:`Solver`'s business:
+the default :class:`RidgeSolver` solves it; passes bring their own (learned rounding of quantized
+weights, least-squares codebooks of shared ones), so every lossy pass shares this one engine.
+Layers a solver cannot change (by default: weights that are not a constant read by that layer
+only) are listed in :attr:`Reconstruction.skipped`.
 
 The engine imports no torch and no backend: ``run_node(node, args) -> outputs`` runs one node on
 one batch (the op table's numpy implementation by default).
@@ -212,8 +216,127 @@ def _batches(graph: Graph, inputs) -> list[list[np.ndarray]]:
     ]
 
 
-def _check_layer(original: Graph, compressed: Graph, name: str, kept) -> str | None:
-    """Raise for layers that cannot correspond; return why a layer is skipped, or None."""
+@dataclass
+class LayerProblem:
+    """The accumulated least-squares problem of one layer: for each of its ``groups`` (1 unless a
+    grouped conv), ``xtx[g] = X_g^T X_g`` over the ``features`` input columns of that group (plus
+    a ones column last when the layer has a bias), ``xty[g] = X_g^T Y_g`` for the group's outputs
+    and ``yty[o] = |Y_o|^2``. Parameters are ``(outputs, unknowns)`` matrices: row ``o`` holds
+    output ``o``'s weights over its group's columns (then its bias)."""
+
+    node: Node
+    groups: int
+    features: int
+    bias: bool
+    xtx: np.ndarray
+    xty: np.ndarray
+    yty: np.ndarray
+    rows: int
+
+    @property
+    def unknowns(self) -> int:
+        return self.features + self.bias
+
+    @property
+    def outputs(self) -> int:
+        return len(self.yty)
+
+    def per_group(self, m: np.ndarray) -> np.ndarray:
+        """``m`` (outputs, unknowns) as (groups, outputs per group, unknowns)."""
+        return m.reshape(self.groups, -1, m.shape[-1])
+
+    def error(self, m: np.ndarray) -> float:
+        """Relative output error ``|X M^T - Y| / |Y|`` of parameters ``m``, from the products."""
+        mg = self.per_group(np.asarray(m, np.float64))
+        cross = np.einsum("gji,gij->", mg, self.xty)
+        quad = np.einsum("gji,gik,gjk->", mg, self.xtx, mg)
+        total = float(self.yty.sum())
+        return float(math.sqrt(max(total - 2 * cross + quad, 0.0) / max(total, 1e-30)))
+
+    def gradient(self, m: np.ndarray) -> np.ndarray:
+        """d/dm of ``|X M^T - Y|^2`` (the unnormalised squared error), shaped like ``m``."""
+        mg = self.per_group(np.asarray(m, np.float64))
+        grad = 2 * (np.einsum("gjk,gki->gji", mg, self.xtx) - self.xty.transpose(0, 2, 1))
+        return grad.reshape(m.shape)
+
+    def ridge_solution(self, ridge: float) -> np.ndarray:
+        """The ridge least-squares parameters (the bias column is not penalised)."""
+        d = self.features
+        sols = []
+        for g in range(self.groups):
+            a = self.xtx[g].copy()
+            lam = ridge * max(float(np.mean(np.diag(a)[:d])), 1e-12)
+            a[np.arange(d), np.arange(d)] += lam
+            try:
+                sols.append(np.linalg.solve(a, self.xty[g]).T)
+            except np.linalg.LinAlgError:
+                sols.append(np.linalg.lstsq(a, self.xty[g], rcond=None)[0].T)
+        return np.concatenate(sols, axis=0)
+
+
+class Solver:
+    """What to do with a layer's least-squares problem. The engine collects the problem; a solver
+    says which layers it can change (:meth:`skip`), and :meth:`solve` writes new parameters into
+    the compressed graph, returning the parameter matrices before and after (``(outputs,
+    unknowns)``, see :class:`LayerProblem`) or a string saying why it left the layer alone.
+    Passes subclass it (learned rounding for quantized weights, codebook refits for shared ones);
+    :class:`RidgeSolver` is the plain refit."""
+
+    #: whether a layer with fewer rows than unknowns is an error (a plain solve is then
+    #: underdetermined; a regularised search such as learned rounding is not)
+    needs_rows = True
+
+    def skip(self, node: Node) -> str | None:
+        """Why ``node`` cannot be solved by this solver, or None."""
+        w = node.inputs[1]
+        if not w.is_constant or len(w.uses) != 1:
+            return "weight is not a constant read by this layer only"
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        if b is not None and (not b.is_constant or len(b.uses) != 1):
+            return "bias is not a constant read by this layer only"
+        return None
+
+    def solve(self, problem: LayerProblem) -> tuple[np.ndarray, np.ndarray] | str:
+        raise NotImplementedError
+
+
+@dataclass
+class RidgeSolver(Solver):
+    """Ridge least squares ``min |X W - Y|^2 + lam |W|^2``, ``lam = ridge * mean(diag(X^T X))``,
+    written into the layer's constant weight and bias."""
+
+    ridge: float = 1e-4
+
+    def solve(self, problem: LayerProblem) -> tuple[np.ndarray, np.ndarray]:
+        node = problem.node
+        old = layer_parameters(node)
+        new = problem.ridge_solution(self.ridge)
+        set_layer_parameters(node, new)
+        return old, new
+
+
+def layer_parameters(node: Node) -> np.ndarray:
+    """A conv2d/linear node's constant weight (and bias) as an ``(outputs, unknowns)`` matrix."""
+    w = node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    m = w.data.reshape(w.shape[0], -1).astype(np.float64)
+    if b is not None:
+        m = np.concatenate([m, b.data.reshape(-1, 1).astype(np.float64)], axis=1)
+    return m
+
+
+def set_layer_parameters(node: Node, m: np.ndarray) -> None:
+    """Write an ``(outputs, unknowns)`` matrix back into the node's constant weight and bias."""
+    w = node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    d = int(np.prod(w.shape[1:]))
+    w.data = np.ascontiguousarray(m[:, :d].reshape(w.shape)).astype(w.dtype)
+    if b is not None:
+        b.data = np.ascontiguousarray(m[:, d]).astype(b.dtype)
+
+
+def _check_layer(original: Graph, compressed: Graph, name: str, kept) -> None:
+    """Raise for layers that cannot correspond."""
     try:
         node, onode = compressed.node(name), original.node(name)
     except KeyError:
@@ -235,14 +358,10 @@ def _check_layer(original: Graph, compressed: Graph, name: str, kept) -> str | N
             node=name,
             hint="kept output indices must index the original layer's outputs",
         )
-    if node.op == "conv2d" and node.attrs["groups"] != 1:
-        return "grouped conv (groups > 1) is not refit"
-    if not w.is_constant or len(w.uses) != 1:
-        return "weight is not a constant read by this layer only"
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    if b is not None and (not b.is_constant or len(b.uses) != 1):
-        return "bias is not a constant read by this layer only"
-    return None
+
+
+def _groups(node: Node) -> int:
+    return node.attrs.get("groups", 1) if node.op == "conv2d" else 1
 
 
 def reconstruct(
@@ -252,10 +371,12 @@ def reconstruct(
     layers: Mapping[str, np.ndarray | None] | Sequence[str],
     *,
     ridge: float = 1e-4,
+    solver: Solver | None = None,
     run_node: NodeRunner | None = None,
     skip_underdetermined: bool = False,
     measure: bool = True,
     compensate_residual: bool = False,
+    max_features: int = 8192,
     progress: bool = False,
 ) -> Reconstruction:
     """Refit ``layers`` of ``compressed`` in place so they reproduce ``original``'s layer outputs.
@@ -263,12 +384,15 @@ def reconstruct(
     Args:
         original: the uncompressed graph (not changed).
         compressed: the compressed graph; its conv2d/linear nodes named in ``layers`` get new
-            weight and bias arrays.
+            parameters from ``solver``.
         inputs: calibration samples, one array (N, ...) per graph input; whole batches of the
             graph's static batch size are used, no labels.
         layers: node names to refit, or name -> indices of the original layer's outputs that the
             compressed layer kept (None: all).
-        ridge: the penalty, relative to the mean diagonal of ``X^T X``.
+        ridge: the penalty of the default :class:`RidgeSolver`, relative to the mean diagonal of
+            ``X^T X``.
+        solver: what to do with each layer's accumulated problem (default: ridge least squares
+            into the layer's constant weight and bias).
         run_node: ``(node, args) -> outputs`` for one node on one batch (op table by default).
         skip_underdetermined: skip (instead of raising) layers with fewer rows than unknowns.
         measure: also measure the output deviation before and after (one more forward pass).
@@ -276,6 +400,8 @@ def reconstruct(
             ``conv + b + residual`` minus the compressed graph's residual instead of the
             original's ``conv + b``, so the layer also absorbs the error its residual input
             carries.
+        max_features: layers whose group has more input columns than this are skipped (``X^T X``
+            is features^2 float64 numbers: 8192 is 512 MiB).
         progress: show a tqdm progress bar over the layers.
     """
     from tqdm.auto import tqdm
@@ -283,13 +409,20 @@ def reconstruct(
     start = time.perf_counter()
     if ridge < 0 or not math.isfinite(ridge):
         raise OptionError(f"ridge {ridge} must be a finite number >= 0", hint="e.g. 1e-4")
+    solver = solver or RidgeSolver(ridge)
     if not isinstance(layers, Mapping):
         layers = {name: None for name in layers}
     result = Reconstruction()
     todo = {}
     for name, kept in layers.items():
         kept = None if kept is None else np.asarray(kept, np.int64)
-        why = _check_layer(original, compressed, name, kept)
+        _check_layer(original, compressed, name, kept)
+        node = compressed.node(name)
+        w = node.inputs[1]
+        features = int(np.prod(w.shape[1:]))
+        why = solver.skip(node)
+        if why is None and features > max_features:
+            why = f"{features} input columns exceed max_features={max_features}"
         if why is None:
             todo[name] = kept
         else:
@@ -311,9 +444,8 @@ def reconstruct(
         onode = orig.run_to(node.name, through=True)
         comp.run_to(node.name, through=False)
         ys = orig.captured.pop(node.name)
-        fit = _refit(
-            node, onode, comp, ys, todo[node.name], ridge, skip_underdetermined, compensate_residual
-        )
+        problem = _accumulate(node, onode, comp, ys, todo[node.name], compensate_residual)
+        fit = _solve(problem, solver, ys, skip_underdetermined)
         if isinstance(fit, str):
             result.skipped[node.name] = fit
         else:
@@ -327,25 +459,34 @@ def reconstruct(
     return result
 
 
-def _refit(node, onode, comp, ys, kept, ridge, skip_underdetermined, compensate) -> LayerFit | str:
+def _accumulate(node, onode, comp, ys, kept, compensate) -> LayerProblem:
+    """Stream the calibration batches into the layer's ``X^T X``, ``X^T Y`` and ``|Y|^2``."""
+    groups = _groups(node)
     w = node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = len(node.inputs) > 2 and node.inputs[2] is not None
     d = int(np.prod(w.shape[1:]))
-    unknowns = d + (b is not None)
-    xtx = np.zeros((unknowns, unknowns))
-    xty = np.zeros((unknowns, w.shape[0]))
+    u = d + bias
+    per_out = w.shape[0] // groups
+    xtx = np.zeros((groups, u, u))
+    xty = np.zeros((groups, u, per_out))
     yty = np.zeros(w.shape[0])
     rows = 0
     for bi, y in enumerate(ys):
-        cols = _columns(node, comp.args(node, bi)[0])
-        if b is not None:
-            cols = np.concatenate([cols, np.ones((len(cols), 1))], axis=1)
+        args = comp.args(node, bi)
+        cols = _columns(node, args[0]).reshape(-1, groups, d)
+        if bias:
+            cols = np.concatenate([cols, np.ones((len(cols), groups, 1))], axis=2)
         t = _targets(onode, y, kept)
-        residual = comp.args(node, bi)[3] if compensate and len(node.inputs) > 3 else None
+        residual = args[3] if compensate and len(args) > 3 else None
         if residual is not None:
             t -= _targets(node, residual, None)
-        xtx += cols.T @ cols
-        xty += cols.T @ t
+        tg = t.reshape(len(t), groups, per_out)
+        if groups == 1:
+            xtx[0] += cols[:, 0].T @ cols[:, 0]
+            xty[0] += cols[:, 0].T @ tg[:, 0]
+        else:
+            xtx += np.einsum("rgi,rgj->gij", cols, cols)
+            xty += np.einsum("rgi,rgj->gij", cols, tg)
         yty += np.einsum("ij,ij->j", t, t)
         rows += len(cols)
     if not (np.all(np.isfinite(xtx)) and np.all(np.isfinite(xty))):
@@ -354,7 +495,12 @@ def _refit(node, onode, comp, ys, kept, ridge, skip_underdetermined, compensate)
             node=node.name,
             hint="check the calibration inputs' range and the model's numerics",
         )
-    if rows < unknowns:
+    return LayerProblem(node, groups, d, bias, xtx, xty, yty, rows)
+
+
+def _solve(problem: LayerProblem, solver: Solver, ys, skip_underdetermined) -> LayerFit | str:
+    node, rows, unknowns = problem.node, problem.rows, problem.unknowns
+    if solver.needs_rows and rows < unknowns:
         per_sample = max(1, rows // max(1, sum(len(y) for y in ys)))
         batch = max(1, len(ys[0]))
         need = math.ceil(math.ceil(unknowns / per_sample) / batch) * batch
@@ -367,23 +513,8 @@ def _refit(node, onode, comp, ys, kept, ridge, skip_underdetermined, compensate)
         raise InputError(
             msg, node=node.name, hint=f"give at least {need} calibration samples (whole batches)"
         )
-    old = w.data.reshape(w.shape[0], d).astype(np.float64)
-    if b is not None:
-        old = np.concatenate([old, b.data.reshape(-1, 1).astype(np.float64)], axis=1)
-    lam = ridge * max(float(np.mean(np.diag(xtx)[:d])), 1e-12)
-    a = xtx.copy()
-    a[np.arange(d), np.arange(d)] += lam
-    try:
-        sol = np.linalg.solve(a, xty)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(a, xty, rcond=None)[0]
-
-    def error(m: np.ndarray) -> float:  # |X M^T - Y|^2 from the accumulated products
-        sq = yty - 2 * np.einsum("ji,ij->j", m, xty) + np.einsum("ji,ik,jk->j", m, xtx, m)
-        return float(math.sqrt(max(sq.sum(), 0.0) / max(yty.sum(), 1e-30)))
-
-    new = sol.T
-    w.data = np.ascontiguousarray(new[:, :d].reshape(w.shape)).astype(w.dtype)
-    if b is not None:
-        b.data = np.ascontiguousarray(new[:, d]).astype(b.dtype)
-    return LayerFit(node.name, rows, unknowns, error(old), error(new))
+    solved = solver.solve(problem)
+    if isinstance(solved, str):
+        return solved
+    old, new = solved
+    return LayerFit(node.name, rows, unknowns, problem.error(old), problem.error(new))
