@@ -115,7 +115,7 @@ class _Stepper:
         i, node = self.pos, self.graph.nodes[self.pos]
         if node.name in self.capture:
             self.captured[node.name] = [
-                _pre_epilogue(node, self.args(node, b), self.with_residual)
+                _pre_epilogue(node, self.args(node, b), self.with_residual, self.run_node)
                 for b in range(len(self.env))
             ]
         for b, env in enumerate(self.env):
@@ -126,6 +126,34 @@ class _Stepper:
                 if v is not None and self.last_use.get(id(v)) == i and id(v) not in self.wanted:
                     env.pop(id(v), None)
         self.pos += 1
+
+    def refresh(self, node: Node) -> None:
+        """Recompute the parameter chains feeding ``node`` (its inputs after the first that are
+        computed from constants only, such as a dequantized weight), after a solver changed the
+        constants they read."""
+        chain: list[Node] = []
+
+        def constant_only(value) -> bool:
+            if value is None or value.is_constant:
+                return True
+            p = value.producer
+            if p is None or not all(constant_only(v) for v in p.inputs):
+                return False
+            if p not in chain:
+                chain.append(p)
+            return True
+
+        for value in node.inputs[1:]:
+            constant_only(value)
+        for b, env in enumerate(self.env):
+            live = set(env)
+            for p in chain:  # producers are appended after their own producers
+                for value, array in zip(p.outputs, self.run_node(p, self.args(p, b))):
+                    env[id(value)] = np.asarray(array)
+            for p in chain:  # drop what had been freed already
+                for value in p.outputs:
+                    if id(value) not in live:
+                        env.pop(id(value), None)
 
     def run_to(self, name: str, *, through: bool) -> Node:
         """Run up to node ``name`` (and it too with ``through``); returns the node."""
@@ -149,14 +177,19 @@ class _Stepper:
         ]
 
 
-def _pre_epilogue(node: Node, args: list, with_residual: bool = False) -> np.ndarray:
+def _pre_epilogue(
+    node: Node, args: list, with_residual: bool = False, run_node: NodeRunner | None = None
+) -> np.ndarray:
     """conv(x, w) + b (or x @ w.T + b) of a conv2d/linear node, without the activation, and
-    without the residual unless ``with_residual``."""
+    without the residual unless ``with_residual``; through ``run_node`` when given (it gets a
+    detached copy of the node without the epilogue)."""
     attrs = dict(node.attrs, activation=None, activation_attrs={})
     args = [*args, None, None][:4]
     if not with_residual:
         args[3] = None
-    return get_op(node.op).run(args, attrs)[0]
+    if run_node is None:
+        return get_op(node.op).run(args, attrs)[0]
+    return run_node(Node(node.op, node.name, attrs), args)[0]
 
 
 def _columns(node: Node, x: np.ndarray) -> np.ndarray:
@@ -248,15 +281,15 @@ class LayerProblem:
     def error(self, m: np.ndarray) -> float:
         """Relative output error ``|X M^T - Y| / |Y|`` of parameters ``m``, from the products."""
         mg = self.per_group(np.asarray(m, np.float64))
-        cross = np.einsum("gji,gij->", mg, self.xty)
-        quad = np.einsum("gji,gik,gjk->", mg, self.xtx, mg)
+        cross = float(np.sum(mg * self.xty.transpose(0, 2, 1)))
+        quad = float(np.sum((mg @ self.xtx) * mg))  # xtx is symmetric
         total = float(self.yty.sum())
         return float(math.sqrt(max(total - 2 * cross + quad, 0.0) / max(total, 1e-30)))
 
     def gradient(self, m: np.ndarray) -> np.ndarray:
         """d/dm of ``|X M^T - Y|^2`` (the unnormalised squared error), shaped like ``m``."""
         mg = self.per_group(np.asarray(m, np.float64))
-        grad = 2 * (np.einsum("gjk,gki->gji", mg, self.xtx) - self.xty.transpose(0, 2, 1))
+        grad = 2 * (mg @ self.xtx - self.xty.transpose(0, 2, 1))  # batched BLAS
         return grad.reshape(m.shape)
 
     def ridge_solution(self, ridge: float) -> np.ndarray:
@@ -446,6 +479,7 @@ def reconstruct(
         ys = orig.captured.pop(node.name)
         problem = _accumulate(node, onode, comp, ys, todo[node.name], compensate_residual)
         fit = _solve(problem, solver, ys, skip_underdetermined)
+        comp.refresh(node)
         if isinstance(fit, str):
             result.skipped[node.name] = fit
         else:
