@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from compiler.analysis import allocate as shared
+from compiler.analysis.reconstruct import reconstruct as refit_layers
 from compiler.errors import OptionError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.inputs import calibration_inputs
 from compiler.pass_manager import Pass, pass_context, register_pass
 from passes.quantization.calibration import CALIBRATORS, calibrate, run_calibration, uint8_params
+from passes.quantization.rounding import BIAS_LIMIT, AdaRoundSolver
 
 LAYERS = ("conv2d", "linear")
 #: activations a quantized output absorbs: with a range starting at 0 they only clip
@@ -110,6 +112,13 @@ class Quantize(Pass):
             fills it from its ``calibration_data``.
         calibration_batch: rows per interpreter run during calibration.
         seed: seeds the sampling of activations that the histogram calibrators keep.
+        reconstruct: after quantizing, choose each weight's rounding (down or up) so that the
+            layer's output on the calibration data matches the float model's (AdaRound, layer by
+            layer, each layer seeing the quantized graph's activations; see
+            passes/quantization/rounding.py); the bias takes its least-squares value. None
+            (default): on, since quantize always has calibration data; False: nearest rounding.
+        rounding_iterations: optimisation steps per layer (fewer for very large layers).
+        progress: show a progress bar while reconstructing.
     """
 
     name = "quantize"
@@ -125,8 +134,16 @@ class Quantize(Pass):
     calibration_data: Any = field(default=None, repr=False)
     calibration_batch: int = 64
     seed: int = 0
+    reconstruct: bool | None = None
+    rounding_iterations: int = 1000
+    progress: bool = False
 
     def __post_init__(self) -> None:
+        if self.rounding_iterations < 1:
+            raise OptionError(
+                f"quantize: rounding_iterations={self.rounding_iterations} must be >= 1",
+                hint="e.g. 1000 (or reconstruct=False for nearest rounding)",
+            )
         if self.weight_bits not in WEIGHT_BITS:
             raise OptionError(
                 f"quantize: weight_bits={self.weight_bits} is not supported",
@@ -186,6 +203,8 @@ class Quantize(Pass):
         if not layers:
             _record(graph, [], left_float, {})
             return False
+        original = graph.clone() if self.reconstruct is not False else None
+        floats = {n.name: n.inputs[1].data for n in layers if n.inputs[1].is_constant}
         adds = [_split_epilogue(graph, n) for n in layers]
         adds += [n for n in graph.nodes if n.op == "add" and _is_activation_add(n, adds)]
         adds = [a for a in dict.fromkeys(adds) if a is not None]
@@ -209,7 +228,40 @@ class Quantize(Pass):
             mean = stats[x_name].mean if self.bias_correction else None
             _quantize_layer(graph, node, plan[id(node)], self.group_size, mean)
         _record(graph, layers, left_float, {n.name: plan[id(n)] for n in layers})
+        if original is not None:
+            self._reconstruct(original, graph, data, floats)
         return True
+
+    def _reconstruct(self, original: Graph, graph: Graph, data, floats: dict) -> None:
+        """Learned rounding of every quantized layer on the calibration data."""
+        solver = AdaRoundSolver(weights=floats, iterations=self.rounding_iterations)
+        result = refit_layers(
+            original,
+            graph,
+            data,
+            [name for name in floats if name in {n.name for n in graph.nodes}],
+            solver=solver,
+            progress=self.progress or pass_context().progress,
+        )
+        graph.meta["quantization"]["reconstruction"] = {
+            "method": "adaround",
+            "layers": len(result.layers),
+            "skipped": dict(result.skipped),
+            "samples": result.samples,
+            "deviation_before": result.deviation_before,
+            "deviation_after": result.deviation_after,
+            "seconds": result.seconds,
+        }
+        note = (
+            f"quantize: learned rounding (AdaRound) of {len(result.layers)} layer(s) on "
+            f"{result.samples} calibration samples: output deviation "
+            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
+            f"({result.seconds:.1f} s)"
+        )
+        if result.skipped:
+            name, why = next(iter(result.skipped.items()))
+            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
+        graph.meta["notes"] = [*graph.meta.get("notes", ()), note]
 
     def _activations(self, graph: Graph, layers: list[Node], adds: list[Node]) -> list[Value]:
         """Float values to quantize: layer inputs, add operands, and their outputs (after an
@@ -464,9 +516,6 @@ def _quantize_layer(
             node.set_input(2, graph.constant(bias.astype(w.dtype), f"{node.name}.bias"))
     node.meta["quantized"] = {"weight_bits": bits, "group_size": groups}
 
-
-#: largest |int32 bias| a layer may get: half the int32 range, the rest is for the accumulation
-BIAS_LIMIT = 2**30
 
 
 def _min_weight_scale(bias: np.ndarray | None, s_x: float | None) -> np.ndarray | None:

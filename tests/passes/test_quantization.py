@@ -397,8 +397,11 @@ def test_bias_correction_removes_the_mean_output_shift(tiny, calib):
         refs = [run(tiny, [calib[i : i + 1]])[0] for i in range(16)]
         return float(np.abs(np.mean(np.array(outs) - np.array(refs), axis=0)).mean())
 
-    plain = mean_shift(quantized(tiny, calib, weight_bits=4))
-    corrected = mean_shift(quantized(tiny, calib, weight_bits=4, bias_correction=True))
+    # nearest rounding: learned rounding refits the bias by least squares, subsuming this
+    plain = mean_shift(quantized(tiny, calib, weight_bits=4, reconstruct=False))
+    corrected = mean_shift(
+        quantized(tiny, calib, weight_bits=4, bias_correction=True, reconstruct=False)
+    )
     assert corrected < plain
 
 
@@ -772,3 +775,50 @@ def test_integer_kernel_types_include_the_int8_matmuls():
         assert is_integer_kernel(op), op
     for op in ("Conv", "MatMul", "Gemm", "DequantizeLinear", "QuantizeLinear"):
         assert not is_integer_kernel(op), op
+
+
+# -- learned rounding (AdaRound on the reconstruction engine) ------------------------------------
+
+
+def test_learned_rounding_lowers_the_output_error_of_4_bit_weights(tiny, calib):
+    x = np.random.default_rng(5).random((8, 3, 8, 8), dtype=np.float32)  # held out
+    want = [run(tiny, [x[i : i + 1]])[0] for i in range(8)]
+
+    def error(graph):
+        return deviation(want, [run(graph, [x[i : i + 1]])[0] for i in range(8)])
+
+    nearest = quantized(tiny, calib, weight_bits=4, reconstruct=False)
+    learned = quantized(tiny, calib, weight_bits=4)
+    assert "reconstruction" not in nearest.meta["quantization"]
+    info = learned.meta["quantization"]["reconstruction"]
+    assert info["method"] == "adaround" and info["layers"] == 4 and info["samples"] == 32
+    assert info["deviation_after"] < info["deviation_before"]
+    assert any("AdaRound" in n for n in learned.meta["notes"])
+    assert error(learned) < 0.8 * error(nearest)
+    # the structure is the same; only integer values (and int32 biases) change, on the grid
+    assert str(learned).splitlines()[1:] == str(nearest).splitlines()[1:]
+    for a, b in zip(nearest.constants(), learned.constants()):
+        if a.name.endswith(".q") and a.dtype == np.int8:
+            assert np.abs(b.data.astype(int)).max() <= 7  # still 4-bit values
+            assert np.abs(b.data.astype(int) - a.data.astype(int)).max() <= 1  # down or up
+
+
+def test_learned_rounding_on_grouped_int4_runs_in_every_backend(tiny, calib):
+    q = quantized(tiny, calib, weight_bits=4, group_size=4)
+    assert q.meta["quantization"]["reconstruction"]["layers"] >= 2
+    x = calib[:1]
+    (sim,) = run(q, [x])
+    (nb,) = compile_numba(q).run(x)
+    with torch.no_grad():
+        tq = compile_torch(q)(torch.from_numpy(x)).numpy()
+    assert deviation([sim], [nb]) < 1e-5 and deviation([sim], [tq]) < 1e-5
+    (ort,) = compile_onnx(q).run(x)
+    assert deviation([sim], [ort]) < 0.02  # as without learned rounding
+
+
+def test_learned_rounding_never_worsens_a_layer(tiny, calib):
+    learned = quantized(tiny, calib, rounding_iterations=1)
+    info = learned.meta["quantization"]["reconstruction"]
+    assert info["deviation_after"] <= info["deviation_before"] * (1 + 1e-6)
+    with pytest.raises(OptionError, match="rounding_iterations"):
+        Quantize(rounding_iterations=0)
