@@ -1,6 +1,6 @@
 """Importance criteria for channel pruning: a criterion scores every removable unit of a group
 (higher =
-more important). Built in: l1, l2, bn_scale, fpgm, random (data-free); activation, apoz, di
+more important). Built in: l1, l2, bn_scale, fpgm, random (data-free); activation, apoz, energy, di
 (calibration data; di needs labels); taylor (calibration data with labels, gradients via torch).
 
 A user criterion is any ``fn(analysis, group, context) -> np.ndarray`` of ``len(group)`` scores,
@@ -157,6 +157,44 @@ def _activation_stats(kind: str):
     return fill
 
 
+def _output_energy(analysis: ChannelGroups, ctx: Context, scores: np.ndarray) -> None:
+    """What removing an input channel costs the layers that read it, on calibration data: for a
+    conv2d/linear reading channel ``c``, ``E[x_c^2] * |W[:, c]|^2``, the energy channel ``c``
+    contributes to the layer's output (channels taken as uncorrelated), summed over readers
+    (a data-aware weight-times-activation saliency, as in ThiNet's and Wanda's). Depthwise
+    convs count on their output axis; other grouped convs are not counted."""
+    from compiler.ir.interpreter import run
+
+    readers = [
+        n
+        for n in ctx.graph.nodes
+        if n.op in ("conv2d", "linear")
+        and n.inputs[1].is_constant
+        and not n.inputs[0].is_constant
+        and (n.op == "linear" or n.attrs.get("groups", 1) in (1, n.inputs[0].shape[1]))
+    ]
+    values = list({id(n.inputs[0]): n.inputs[0] for n in readers}.values())
+    sums: dict[int, np.ndarray] = {}
+    count = 0
+    for _, chunk in _batches(ctx, "energy"):
+        arrays = run(ctx.graph, chunk, keep=values)[len(ctx.graph.outputs) :]
+        for v, act in zip(values, arrays):
+            axis = 1 if any(r.op == "conv2d" for r in v.users) else act.ndim - 1
+            other = tuple(i for i in range(act.ndim) if i != axis)
+            part = (act.astype(np.float64) ** 2).mean(axis=other)
+            sums[id(v)] = sums.get(id(v), 0) + part
+        count += 1
+    for n in readers:
+        x, w = n.inputs[0], n.inputs[1]
+        energy = sums[id(x)] / count
+        a = w.data.astype(np.float64) ** 2
+        if n.op == "conv2d" and n.attrs.get("groups", 1) > 1:  # depthwise: channel c is row c
+            _accumulate(analysis, scores, w, 0, energy * a.reshape(len(a), -1).sum(1))
+        else:
+            column = a.sum(axis=tuple(i for i in range(a.ndim) if i != 1))
+            _accumulate(analysis, scores, w, 1, energy * column)
+
+
 def _discriminant(pooled: np.ndarray, labels: np.ndarray, rho: float = 1e-4) -> np.ndarray:
     """Discriminant information of each column (Hou & Kung 2020), per channel: S_B / (S_W + rho)."""
     labels = labels[: len(pooled)]
@@ -218,8 +256,9 @@ CRITERIA: dict[str, Criterion] = {
     "apoz": _per_label("apoz", _activation_stats("apoz")),
     "di": _per_label("di", _activation_stats("di")),
     "taylor": _per_label("taylor", _taylor),
+    "energy": _per_label("energy", _output_energy),
 }
-NEEDS_DATA = {"activation", "apoz", "di", "taylor"}
+NEEDS_DATA = {"activation", "apoz", "di", "taylor", "energy"}
 NEEDS_LABELS = {"di", "taylor"}
 
 

@@ -191,7 +191,7 @@ def test_random_graphs_prune_verify_and_prove(case):
 
 
 @pytest.mark.parametrize(
-    "criterion", ["l1", "l2", "fpgm", "random", "activation", "apoz", "di", "taylor"]
+    "criterion", ["l1", "l2", "fpgm", "random", "activation", "apoz", "di", "taylor", "energy"]
 )
 def test_criteria_run(criterion):
     g = traced(Residual(), 2, 3, 8, 8)
@@ -200,6 +200,29 @@ def test_criteria_run(criterion):
         g, ratio=0.5, criterion=criterion, calibration_data=data, labels=np.array([0, 1, 0, 1])
     )
     assert sizes(pruned) == [3, 4, 6]
+
+
+def test_energy_criterion_weighs_weights_by_the_activations_they_multiply():
+    """c1's channel 0 has the largest weights downstream but is almost never active: l2 keeps it,
+    energy (E[x_c^2] |W[:, c]|^2) removes it."""
+    g = Graph("energy")
+    x = g.add_input("x", (2, 2, 4, 4))
+    w1 = np.zeros((4, 2, 1, 1), np.float32)
+    w1[:, 0, 0, 0] = [1e-3, 1.0, 1.0, 1.0]  # channel 0 barely responds
+    c1 = g.add_node("conv2d", [x, g.constant(w1, "w1")], {"activation": "relu"}, name="c1")
+    w2 = np.ones((3, 4, 1, 1), np.float32)
+    w2[:, 0] = 5.0  # ... but c2 weighs it heavily
+    w2[:, 3] = 0.5
+    c2 = g.add_node("conv2d", [c1.outputs[0], g.constant(w2, "w2")], name="c2")
+    g.outputs = [c2.outputs[0]]
+    data = np.abs(np.random.default_rng(0).standard_normal((4, 2, 4, 4))).astype(np.float32)
+    by_energy = prune(
+        g, ratio=0.25, criterion="energy", calibration_data=data, reconstruct=False, prove=False
+    )
+    by_l2 = prune(g, ratio=0.25, criterion="l2", prove=False)
+    kept = by_energy.node("c2").inputs[1].data[0, :, 0, 0]
+    assert sorted(kept.tolist()) == [0.5, 1.0, 1.0]  # channel 0 went
+    assert 5.0 in by_l2.node("c2").inputs[1].data  # l2 kept it
 
 
 def test_bn_scale_needs_batch_norms():
