@@ -25,7 +25,14 @@ from compiler.pass_manager import (
 from compiler.report import Report
 
 BACKENDS = ("torch", "onnx", "numba")
-__all__ = ["BACKENDS", "CompiledModel", "atomic_write", "calibration_inputs", "compile"]
+__all__ = [
+    "BACKENDS",
+    "CompiledModel",
+    "atomic_write",
+    "calibration_inputs",
+    "compile",
+    "load",
+]
 
 
 def _torch_module(graph: Graph) -> Any:
@@ -99,19 +106,25 @@ class CompiledModel:
         self.graph, self.report, self.backend, self.artifact = graph, report, backend, artifact
 
     def __call__(self, *inputs: Any) -> Any:
-        """Run on torch tensors or numpy arrays; returns the same kind (a tuple if several)."""
+        """Run on torch tensors or numpy arrays; returns the same kind (a tuple if several).
+
+        The batch may differ from the example input's where the graph lets the samples flow
+        through without mixing (``docs/backends.md``, "Any batch")."""
         use_torch = any(hasattr(x, "detach") for x in inputs)
+        arrays = [_to_numpy(x) for x in inputs]
         if self.backend == "torch":
             import torch
 
             with torch.no_grad():
-                outs = self.artifact(*[torch.as_tensor(_to_numpy(x)) for x in inputs])
+                outs = self.artifact(*[torch.as_tensor(x) for x in arrays])
             outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
             outs = [o.numpy() for o in outs]
-        else:
-            from compiler.ir.interpreter import check_inputs
-
-            outs = self.artifact.run(*check_inputs(self.graph, [_to_numpy(x) for x in inputs]))
+        else:  # the artifact checks its inputs (the batch is free where the graph allows)
+            try:
+                outs = self.artifact.run(*arrays)
+            except getattr(self.artifact, "input_error", ()) as e:  # a numba package's own
+                text, _, fix = str(e).partition(" Fix: ")
+                raise InputError(text, hint=fix or None) from e
         if use_torch:
             import torch
 
@@ -119,22 +132,63 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the backend's artifact (``.pt`` module, ``.onnx`` file, ...) atomically."""
-        if hasattr(self.artifact, "save"):
-            self.artifact.save(path)
-        else:
-            import torch
-
-            atomic_write(path, lambda tmp: torch.save(self.artifact, tmp))
+        """Write the backend's artifact atomically: an ``.onnx`` file, a numba package folder,
+        or a ``.pt`` file holding the graph and a state dict, which :func:`load` reads without
+        unpickling code (``docs/backends.md``, "Saving and loading")."""
+        self.artifact.save(path)
 
     def to_torch(self):
-        """A trainable ``nn.Module`` of the compressed graph, for fine-tuning."""
+        """A trainable ``nn.Module`` of the compressed graph, for fine-tuning.
+
+        Its parameters and buffers keep the user's module paths (``layer1.0.conv1.weight``);
+        tensors made by passes are named beside them (``backends/torch/names.py``)."""
         from backends.torch.backend import compile_torch
 
         return compile_torch(self.graph)
 
+    def user_state_dict(self, strict: bool = True) -> dict:
+        """The compressed weights keyed as the user's own model keys them, for loading into a
+        fresh instance of the user's class with the new widths (a pruned, unfused model):
+        ``MyNet(widths=...).load_state_dict(compiled.user_state_dict())``.
+
+        Args:
+            strict: raise (a ``BackendError`` naming the layers) when some tensors are no
+                longer the model's own (a folded batch norm, factorized, shared or quantized
+                weights); False returns those that are.
+        """
+        return self.to_torch().user_state_dict(strict=strict)
+
     def __repr__(self) -> str:
         return f"<CompiledModel backend={self.backend}>\n{self.report}"
+
+
+def load(path: str | os.PathLike, **options: Any) -> Any:
+    """Load a saved artifact, running no pickled code: a ``.pt`` file written by ``save`` (a
+    trainable ``GraphModule``; ``map_location=`` as for ``torch.load``), an ``.onnx`` file (an
+    ``OnnxModel``; ``threads=``) or a numba package folder (a ``NumbaModel``).
+
+    Raises:
+        InputError: the path does not exist or is none of these.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from backends.numba.backend import load_numba
+
+        return load_numba(path, **options)
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist", hint="pass a file or folder written by save()")
+    if path.endswith(".onnx"):
+        from backends.onnx.backend import OnnxModel
+
+        return OnnxModel.load(path, **options)
+    if path.endswith((".pt", ".pth")):
+        from backends.torch.backend import load_torch
+
+        return load_torch(path, **options)
+    raise InputError(
+        f"cannot tell what {path} holds from its name",
+        hint="load a .pt, .onnx or numba package folder written by CompiledModel.save",
+    )
 
 
 def _to_graph(model: Any, example_inputs: Any) -> Graph:

@@ -34,6 +34,7 @@ import numpy as np
 
 # the emitter modules register their entries in EMITTERS when imported; this entry module is
 # what imports them all, so the table is complete wherever compile_numba can be called
+from backends.batch import batch_flow
 from backends.numba import codebook, emitters, quant  # noqa: F401
 from backends.numba.core import EMITTERS, Codegen, View, emitter, fmt, generate
 from compiler.errors import BackendError
@@ -203,13 +204,21 @@ OUTPUTS = {outputs!r}
 SLOTS = {slots!r}
 VIEWS = {views!r}
 PEAK_BYTES = {peak}
+# Other batches than the compiled one (axis 0 of INPUTS) run in chunks of it: per output, the
+# (axis, outer, inner) that holds the batch (None: the output has none); None where the graph
+# mixes the samples (STATIC_BATCH says where).
+BATCH = {batch!r}
+STATIC_BATCH = {static!r}
 '''
 
 
 def render(graph: Graph, gen: Codegen, slots: list[int]) -> str:
     """The generated module's source: header constants, forward(), then the shared runtime."""
     roots = [v for v in gen.views if v.root is None]
+    flow = batch_flow(graph)
     header = HEADER.format(
+        batch=tuple(flow.batch(v) for v in graph.outputs) if flow.dynamic else None,
+        static=flow.why_static(),
         name=graph.name,
         inputs=tuple((v.name, v.shape, v.dtype) for v in graph.inputs),
         outputs=tuple((v.name, v.shape, v.dtype) for v in graph.outputs),
@@ -259,6 +268,7 @@ class NumbaModel:
         self.module = module
         self.model = module.runtime.Model(module, weights)
         self.peak_bytes = module.PEAK_BYTES
+        self.input_error = module.runtime.InputError  # what run() raises for wrong inputs
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run on one array per graph input; returns the outputs (fresh arrays)."""

@@ -25,13 +25,13 @@ import onnx_graphsurgeon as gs
 
 # importing the emitter modules registers their entries in EMITTERS (this entry module is what
 # imports them all, so the table is complete wherever emit_onnx can be called)
+from backends.batch import BatchFlow, batch_flow
 from backends.onnx.codebook import attach_functions
 from backends.onnx.core import EMITTERS, OnnxBuilder
 from backends.onnx.emitters import ACTIVATIONS
 from backends.onnx.quant import INT4_OPSET, needs_int4, pack_int4
-from compiler.errors import BackendError, OptionError, SlimgraphError
+from compiler.errors import BackendError, InputError, OptionError, SlimgraphError
 from compiler.ir.graph import Graph, Node, Value
-from compiler.ir.interpreter import check_inputs
 
 __all__ = ["ACTIVATIONS", "DEFAULT_OPSET", "EMITTERS", "OnnxModel", "compile_onnx", "emit_onnx"]
 
@@ -44,10 +44,16 @@ DEFAULT_OPSET = 20
 MIN_OPSET = 18
 MAX_OPSET = 26
 PROTOBUF_LIMIT = 2**31 - 2**20  # a ModelProto must serialize below 2 GiB; keep 1 MiB for the graph
+# metadata_props key of a model that keeps its traced batch, with the reason (backends/batch.py)
+STATIC_BATCH_KEY = "slimgraph.static_batch"
 
 
 def emit_onnx(
-    graph: Graph, *, opset: int | None = None, name: str | None = None
+    graph: Graph,
+    *,
+    opset: int | None = None,
+    name: str | None = None,
+    dynamic_batch: bool = True,
 ) -> onnx.ModelProto:
     """Translate ``graph`` into a checked ONNX model.
 
@@ -55,11 +61,19 @@ def emit_onnx(
     (an output that is also an input, a constant or an earlier output is copied by an Identity
     node named ``<name>_out``, since an ONNX tensor has one name).
 
+    The batch of the example inputs is an example: where the samples flow through the graph
+    without mixing (``backends/batch.py``), axis 0 of every input and the batch axis of every
+    output is the symbolic dim ``batch`` and shape constants follow it, so the file runs any
+    batch. Where a node mixes them, the traced batch stays and the model's ``metadata_props``
+    say why under ``slimgraph.static_batch`` (as does its ``doc_string``).
+
     Args:
         graph: the IR graph (static shapes).
         opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET``; by default ``DEFAULT_OPSET``, or 21 when
             the graph has 4-bit weights (stored as packed INT4, which opset 21 introduced).
         name: model graph name (default: the IR graph's name).
+        dynamic_batch: False keeps the traced batch everywhere (for runtimes that want static
+            shapes).
 
     Raises:
         BackendError: an op has no emitter, an emitter failed, or onnx.checker rejected the model.
@@ -73,10 +87,12 @@ def emit_onnx(
         )
     taken = {v.name for v in graph.values()} | {n.name for n in graph.nodes}
     out = gs.Graph(name=name or graph.name, opset=opset)
-    builder = OnnxBuilder(out, opset, taken)
+    static = BatchFlow(None, reason="emitted with dynamic_batch=False")
+    flow = batch_flow(graph) if dynamic_batch else static
+    builder = OnnxBuilder(out, opset, taken, flow)
     tensors: dict[int, gs.Tensor] = {}
     for value in graph.inputs:
-        tensors[id(value)] = _variable(value)
+        tensors[id(value)] = gs.Variable(value.name, np.dtype(value.dtype), builder.dims(value))
     out.inputs = [tensors[id(v)] for v in graph.inputs]
     for node in graph.nodes:
         _emit_node(builder, node, tensors)
@@ -94,12 +110,13 @@ def emit_onnx(
         8 if model.functions else 0,
     )
     model.producer_name = "slimgraph"
+    if not flow.dynamic and graph.inputs:
+        traced = graph.inputs[0].shape[0] if graph.inputs[0].shape else "it was traced with"
+        why = f"runs only at batch {traced}: {flow.why_static()}"
+        model.doc_string = f"slimgraph: {why}"
+        onnx.helper.set_model_props(model, {STATIC_BATCH_KEY: why})
     _check(model)
     return model
-
-
-def _variable(value: Value) -> gs.Variable:
-    return gs.Variable(value.name, dtype=np.dtype(value.dtype), shape=list(value.shape))
 
 
 def _tensor(value: Value | None, tensors: dict[int, gs.Tensor]) -> gs.Tensor | None:
@@ -131,7 +148,7 @@ def _emit_node(builder: OnnxBuilder, node: Node, tensors: dict[int, gs.Tensor]) 
         if id(tensor) not in builder.made:  # returned an input unchanged: give it its own name
             tensor = builder.op("Identity", tensor)
         tensor.name, tensor.dtype = value.name, np.dtype(value.dtype)
-        tensor.shape = list(value.shape)
+        tensor.shape = builder.dims(value)
         builder.made.discard(id(tensor))  # the same tensor for a second output gets a copy
         tensors[id(value)] = tensor
 
@@ -144,7 +161,7 @@ def _graph_outputs(builder: OnnxBuilder, graph: Graph, tensors: dict[int, gs.Ten
         if isinstance(tensor, gs.Constant) or id(tensor) in seen:
             tensor = builder.op("Identity", tensor)
             tensor.name = builder.fresh(f"{value.name}_out")
-            tensor.shape = list(value.shape)
+            tensor.shape = builder.dims(value)
         seen.add(id(tensor))
         outputs.append(tensor)
     return outputs
@@ -235,20 +252,79 @@ class OnnxModel:
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run on one array per graph input (in order); returns the outputs as numpy arrays.
 
-        Inputs are checked like the interpreter's (count, shape, dtype; safe casts applied)."""
-        arrays = check_inputs(self._signature, arrays)
+        Inputs are checked (count, shape, dtype; safe casts applied): a symbolic dim (the batch)
+        takes any size, the same in every input that has it."""
+        arrays = self.check_inputs(arrays)
         feeds = {i.name: a for i, a in zip(self.model.graph.input, arrays, strict=True)}
         return self.session.run(None, feeds)
 
     @functools.cached_property
-    def _signature(self) -> Graph:
-        """An empty IR graph with the model's inputs, for :func:`check_inputs`."""
-        graph = Graph(self.model.graph.name)
+    def _specs(self) -> list[tuple[str, list[int | str], np.dtype]]:
+        """Each input's name, dims (a symbolic dim by its name) and dtype."""
+        specs = []
         for spec in self.model.graph.input:
             tensor_type = spec.type.tensor_type
+            # a dim without a value is symbolic (any size); unnamed ones get a name of their own
+            dims = [
+                d.dim_value if d.HasField("dim_value") else d.dim_param or f"?{k}"
+                for k, d in enumerate(tensor_type.shape.dim)
+            ]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-            graph.add_input(spec.name, [d.dim_value for d in tensor_type.shape.dim], str(dtype))
-        return graph
+            specs.append((spec.name, dims, np.dtype(dtype)))
+        return specs
+
+    def check_inputs(self, arrays) -> list[np.ndarray]:
+        """``arrays`` checked against the model's inputs and cast where safe.
+
+        Raises:
+            InputError: a wrong count, shape or dtype; a batch other than the traced one for a
+                model that keeps it (the message names the node that mixes the samples).
+        """
+        specs = self._specs
+        if len(arrays) != len(specs):
+            raise InputError(
+                f"model '{self.model.graph.name}' takes {len(specs)} input(s), got {len(arrays)}",
+                hint="pass one array per graph input, in order: "
+                + ", ".join(f"{n}: {d}{dims}" for n, dims, d in specs),
+            )
+        sizes: dict[str, int] = {}
+        out = []
+        for (name, dims, dtype), array in zip(specs, arrays, strict=True):
+            array = np.asarray(array)
+            ok = array.ndim == len(dims)
+            for d, n in zip(dims, array.shape):
+                if isinstance(d, str):
+                    ok = ok and sizes.setdefault(d, n) == n
+                else:
+                    ok = ok and d == n
+            if not ok:
+                raise self._shape_error(name, dims, array.shape)
+            if array.dtype != dtype:
+                if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+                    raise InputError(
+                        f"input '{name}' expects dtype {dtype}, got {array.dtype}",
+                        hint=f"convert it with .astype('{dtype}')",
+                    )
+                array = array.astype(dtype)
+            out.append(array)
+        return out
+
+    def _shape_error(self, name: str, dims: list, shape: tuple) -> InputError:
+        static = {p.key: p.value for p in self.model.metadata_props}.get(STATIC_BATCH_KEY)
+        want = "(" + ", ".join(map(str, dims)) + ("," if len(dims) == 1 else "") + ")"
+        if static and len(shape) == len(dims) and tuple(shape[1:]) == tuple(dims[1:]):
+            return InputError(
+                f"input '{name}' expects shape {want}, got {tuple(shape)}: the model {static}",
+                hint=f"run batches of {dims[0]} (split or pad the input), or trace with "
+                "example inputs of the batch you will run",
+            )
+        free = any(isinstance(d, str) for d in dims)
+        return InputError(
+            f"input '{name}' expects shape {want}{' (any batch)' if free else ''}, got "
+            f"{tuple(shape)}",
+            hint="compile again with example inputs of the shape you will run, or reshape the "
+            "input",
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to ``path`` atomically: staged in a temporary directory beside it, then
@@ -276,6 +352,7 @@ class OnnxOptions:
     opset: int | None = None  # DEFAULT_OPSET, or 21 for packed INT4 weights (emit_onnx)
     name: str | None = None
     threads: int | None = None
+    dynamic_batch: bool = True  # a symbolic batch dim where the graph allows it (emit_onnx)
 
 
 def compile_onnx(graph: Graph, **options: Any) -> OnnxModel:
@@ -284,7 +361,8 @@ def compile_onnx(graph: Graph, **options: Any) -> OnnxModel:
     Args:
         graph: the IR graph.
         **options: ``opset`` (default :data:`DEFAULT_OPSET`), ``name`` (model graph name),
-            ``threads`` (onnxruntime intra-op threads).
+            ``threads`` (onnxruntime intra-op threads), ``dynamic_batch`` (default True: any
+            batch where the graph allows it; see :func:`emit_onnx`).
     """
     valid = [f.name for f in fields(OnnxOptions)]
     unknown = sorted(set(options) - set(valid))
@@ -293,4 +371,5 @@ def compile_onnx(graph: Graph, **options: Any) -> OnnxModel:
             f"unknown ONNX backend option(s) {unknown}", hint=f"valid options: {valid}"
         )
     opts = OnnxOptions(**options)
-    return OnnxModel(emit_onnx(graph, opset=opts.opset, name=opts.name), threads=opts.threads)
+    model = emit_onnx(graph, opset=opts.opset, name=opts.name, dynamic_batch=opts.dynamic_batch)
+    return OnnxModel(model, threads=opts.threads)

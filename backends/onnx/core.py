@@ -17,7 +17,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from backends.batch import BatchFlow
 from backends.emitters import EmitterTable
+from compiler.ir.graph import Value
 
 __all__ = ["EMITTERS", "Emitter", "OnnxBuilder", "Tensor", "emitter"]
 
@@ -42,9 +44,14 @@ class OnnxBuilder:
     promote and ONNX would refuse mixed types.
     """
 
-    def __init__(self, graph: gs.Graph, opset: int, taken: set[str]) -> None:
+    def __init__(
+        self, graph: gs.Graph, opset: int, taken: set[str], batch: BatchFlow | None = None
+    ) -> None:
         self.graph = graph
         self.opset = opset
+        # where the batch flows (backends/batch.py): shape constants that name the batch size
+        # are written to follow it (Reshape 0 / -1, Expand 1)
+        self.batch = batch if batch is not None else BatchFlow(None)
         self.prefix = ""  # name of the IR node being emitted; intermediate names start with it
         self.made: set[int] = set()  # ids of the tensors made for the current node
         self.memo: dict[Any, Any] = {}  # constants emitters derive once per model (see users)
@@ -118,3 +125,29 @@ class OnnxBuilder:
         if isinstance(t, gs.Constant):
             return self.const(t.values.reshape(shape), "reshaped")
         return self.op("Reshape", t, self.ints(shape))
+
+    # -- the batch ---------------------------------------------------------------------------
+    def dims(self, value: Value) -> list[int | str]:
+        """``value``'s shape with its batch dim symbolic: ``batch`` (or ``batch*64`` where 64
+        entries of the axis belong to each sample)."""
+        shape: list[int | str] = list(value.shape)
+        batch = self.batch.batch(value)
+        if batch is not None:
+            per_sample = batch[1] * batch[2]
+            shape[batch[0]] = "batch" if per_sample == 1 else f"batch*{per_sample}"
+        return shape
+
+    def target_shape(self, source: Value, target: Value) -> list[int]:
+        """The Reshape shape from ``source`` to ``target``: static, except the batch dim: 0
+        (copied from the input) where it keeps its index and size, else -1."""
+        shape = list(target.shape)
+        out = self.batch.batch(target)
+        if out is not None:
+            into = self.batch.batch(source)
+            same = into is not None and into[0] == out[0] and into[1] * into[2] == out[1] * out[2]
+            shape[out[0]] = 0 if same else -1
+        return shape
+
+    def batch_size(self, t: Tensor, axis: int) -> Tensor:
+        """A 1-D int64 tensor holding ``t``'s size along ``axis`` at run time."""
+        return self.op("Shape", t, dtype=np.int64, start=axis, end=axis + 1)

@@ -343,10 +343,11 @@ def emit_group_norm(b: OnnxBuilder, node: Node, x, scale=None, bias=None) -> Ten
     GroupNormalization scales per group: InstanceNormalization over (N, groups, -1) does the
     statistics."""
     shape, groups = node.inputs[0].shape, int(node.attrs["groups"])
-    grouped = b.reshape(x, (shape[0], groups, -1))
+    batched = b.batch.batch(node.inputs[0]) is not None  # at axis 0: 0 copies the run's batch
+    grouped = b.reshape(x, (0 if batched else shape[0], groups, -1))
     ones, zeros = np.ones(groups, x.dtype), np.zeros(groups, x.dtype)
     y = b.op("InstanceNormalization", grouped, ones, zeros, epsilon=float(node.attrs["eps"]))
-    y = b.reshape(y, shape)
+    y = b.reshape(y, (0, *shape[1:]) if batched else shape)
     return _affine(b, y, scale, bias, (1, shape[1], *[1] * (len(shape) - 2)))
 
 
@@ -355,6 +356,9 @@ def emit_group_norm(b: OnnxBuilder, node: Node, x, scale=None, bias=None) -> Ten
 
 def emit_slice(b: OnnxBuilder, node: Node, x: Tensor) -> Tensor:
     a = node.attrs
+    batch = b.batch.batch(node.inputs[0])
+    if batch is not None and a["axis"] % len(node.inputs[0].shape) == batch[0]:
+        return x  # the whole batch (backends/batch.py): its traced end would cut a larger one
     start = 0 if a["start"] is None else a["start"]
     end = INT64_MAX if a["end"] is None else max(min(a["end"], INT64_MAX), -INT64_MAX)
     return b.op(
@@ -364,6 +368,16 @@ def emit_slice(b: OnnxBuilder, node: Node, x: Tensor) -> Tensor:
 
 def emit_concat(b: OnnxBuilder, node: Node, *xs: Tensor) -> Tensor:
     dtype = node.outputs[0].dtype
+    xs = list(xs)
+    batch = b.batch.batch(node.outputs[0])
+    if batch is not None:  # an unbatched input (a class token) is repeated for every sample
+        ref = next(x for x, v in zip(xs, node.inputs, strict=True) if b.batch.batch(v))
+        for i, v in enumerate(node.inputs):
+            if b.batch.batch(v) is None:
+                ones = [np.ones(k, np.int64) for k in (batch[0], len(v.shape) - batch[0] - 1)]
+                pieces = [ones[0], b.batch_size(ref, batch[0]), ones[1]]
+                target = b.op("Concat", *[p for p in pieces if getattr(p, "size", 1)], axis=0)
+                xs[i] = b.op("Expand", xs[i], target)
     return b.op("Concat", *[b.cast(x, dtype) for x in xs], axis=int(node.attrs["axis"]))
 
 
@@ -430,9 +444,21 @@ def emit_einsum(b: OnnxBuilder, node: Node, *xs: Tensor) -> Tensor:
     return b.op("Einsum", *[b.cast(x, dtype) for x in xs], equation=node.attrs["equation"])
 
 
-def _with_ints(op_type: str, attr: str) -> Emitter:
-    """Ops whose one attribute becomes an int64 tensor input (Reshape's shape, Expand's shape)."""
-    return lambda b, node, x: b.op(op_type, x, b.ints(node.attrs[attr]))
+def emit_reshape(b: OnnxBuilder, node: Node, x: Tensor) -> Tensor:
+    return b.op("Reshape", x, b.ints(b.target_shape(node.inputs[0], node.outputs[0])))
+
+
+def emit_expand(b: OnnxBuilder, node: Node, x: Tensor) -> Tensor:
+    shape = list(node.attrs["shape"])
+    batch = b.batch.batch(node.outputs[0])
+    if batch is None:
+        return b.op("Expand", x, b.ints(shape))
+    shape[batch[0]] = 1  # where the input has the batch, 1 broadcasts to the run's batch
+    if b.batch.batch(node.inputs[0]) is not None:
+        return b.op("Expand", x, b.ints(shape))
+    # an unbatched value expanded to the batch (a class token): the run's batch from the input
+    size = b.batch_size(b.graph.inputs[0], 0)
+    return b.op("Expand", x, b.op("Concat", size, b.ints(shape[1:]), axis=0))
 
 
 # -- the entries: the emitters above and those the factories make ----------------------------------
@@ -473,8 +499,8 @@ for _op, _fn in {
     "group_norm": emit_group_norm,
     "softmax": lambda b, node, x: b.op("Softmax", x, axis=int(node.attrs["axis"])),
     "log_softmax": lambda b, node, x: b.op("LogSoftmax", x, axis=int(node.attrs["axis"])),
-    "reshape": _with_ints("Reshape", "shape"),
-    "expand": _with_ints("Expand", "shape"),
+    "reshape": emit_reshape,
+    "expand": emit_expand,
     "permute": lambda b, node, x: b.op("Transpose", x, perm=[int(p) for p in node.attrs["perm"]]),
     "slice": emit_slice,
     "concat": emit_concat,

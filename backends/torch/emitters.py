@@ -71,21 +71,9 @@ def _clip(x, *, min_val, max_val):
 # -- data movement ---------------------------------------------------------------------------------
 
 
-@emitter("reshape")
-def _reshape(x, *, shape):
-    # The attr holds the traced shape; a different runtime batch is absorbed by the leading dim.
-    if x.numel() != math.prod(shape) and shape:
-        shape = (-1, *shape[1:])
-    return x.reshape(shape)
-
-
-@emitter("expand")
-def _expand(x, *, shape):
-    # Dims that x already has (size != 1) keep their runtime size, so a batch that differs from the
-    # traced one passes through; GraphModule.forward fixes the leading dim of size-1 inputs.
-    offset = len(shape) - x.dim()
-    sizes = [-1 if i >= offset and x.shape[i - offset] != 1 else d for i, d in enumerate(shape)]
-    return x.expand(sizes)
+# a batch other than the traced one comes with these attributes set for it (GraphModule.forward)
+EMITTERS.add("reshape", lambda x, *, shape: x.reshape(shape))
+EMITTERS.add("expand", lambda x, *, shape: x.expand(shape))
 
 
 @emitter("slice")

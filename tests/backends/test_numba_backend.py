@@ -226,11 +226,14 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
     )
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left behind
     np.save(tmp_path / "x.npy", x)
+    x3 = randn(3, 8, 12, 12)  # another batch: chunks of the compiled one, each exactly as alone
+    np.save(tmp_path / "x3.npy", x3)
     script = BLOCK_TORCH + textwrap.dedent(f"""
         import numpy as np
         import pkg  # found through PYTHONPATH
         m = pkg.load({str(path)!r})
         np.save({str(tmp_path / "y.npy")!r}, m.run(np.load({str(tmp_path / "x.npy")!r}))[0])
+        np.save({str(tmp_path / "y3.npy")!r}, m.run(np.load({str(tmp_path / "x3.npy")!r}))[0])
         for bad in (np.zeros((1, 8, 12, 13), "float32"), np.zeros((1, 8, 12, 12), "complex64")):
             try:
                 m.run(bad)
@@ -249,6 +252,9 @@ def test_saved_package_runs_without_torch_and_checks_inputs(tmp_path):
         )
         assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+    y3 = np.load(tmp_path / "y3.npy")
+    for i in range(3):
+        np.testing.assert_array_equal(y3[i : i + 1], model.run(x3[i : i + 1])[0])
     errors = [line for line in done.stdout.splitlines() if line.startswith("InputError")]
     assert "expects shape (1, 8, 12, 12), got (1, 8, 12, 13)" in errors[0] and "Fix:" in errors[0]
     assert "expects dtype float32, got complex64" in errors[1] and ".astype" in errors[1]

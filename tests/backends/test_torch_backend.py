@@ -51,11 +51,11 @@ def test_sgd_step_lowers_loss_and_exports_weights():
     graph = conv_linear_graph()
     before = {v.name: v.data.copy() for v in graph.constants()}
     module = compile_torch(graph)
-    assert sorted(n for n, _ in module.named_parameters()) == [
-        "classifier_bias",
-        "classifier_weight",
-        "features_0_bias",
-        "features_0_weight",
+    assert sorted(n for n, _ in module.named_parameters()) == [  # the model's own names
+        "classifier.bias",
+        "classifier.weight",
+        "features.0.bias",
+        "features.0.weight",
     ]
     x, target = torch.randn(4, 3, 8, 8), torch.randn(4, 5)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
@@ -74,7 +74,7 @@ def test_sgd_step_lowers_loss_and_exports_weights():
     for value in graph.constants():  # the original graph is untouched
         np.testing.assert_array_equal(value.data, before[value.name])
     for value in tuned.constants():
-        param = module.get_parameter(value.name.replace(".", "_")).detach().numpy()
+        param = module.get_parameter(value.name).detach().numpy()
         np.testing.assert_array_equal(value.data, param)
         assert not np.array_equal(value.data, before[value.name])
     with torch.no_grad():
@@ -100,15 +100,20 @@ def test_constants_become_parameters_or_buffers():
     y = g.add_node("batch_norm", [x, *bn]).outputs[0]
     y = g.add_node("mul", [y, g.constant(np.float32(2.0), "scale")]).outputs[0]
     y = g.add_node("take", [y, g.constant(np.array([2, 0]), "idx")], {"axis": 1}).outputs[0]
-    y = g.add_node("add", [y, g.constant(randn(4), "bn_weight")]).outputs[0]  # clashes once
+    y = g.add_node("add", [y, g.constant(randn(4), "bn")]).outputs[0]  # clashes: a flat name
+    y = g.add_node("sub", [y, g.constant(randn(4), "scale.x")]).outputs[0]  # scale: a tensor
+    y = g.add_node("mul", [y, g.constant(randn(4), "bn.weight.q")]).outputs[0]  # made from one
     g.outputs = [y]
     module = compile_torch(g)
     assert sorted(n for n, _ in module.named_parameters()) == [
-        "bn_bias",
-        "bn_weight",
-        "bn_weight_1",
+        "bn.bias",
+        "bn.weight",
+        "bn.weight_q",
+        "bn_1",
+        "scale_x",
     ]
-    assert sorted(n for n, _ in module.named_buffers()) == ["bn_mean", "bn_var", "idx", "scale"]
+    assert sorted(n for n, _ in module.named_buffers()) == ["bn.mean", "bn.var", "idx", "scale"]
+    assert getattr(module, "bn.weight") is module.bn.weight
     assert not graph_shares_memory(g, module)
 
 
@@ -207,3 +212,42 @@ def test_train_mode_keeps_dropout_off_and_module_pickles():
         loaded(*inputs).detach().numpy(), module(*inputs).detach().numpy()
     )
     np.testing.assert_array_equal(to_graph(loaded).constants()[3].data, graph.constants()[3].data)
+
+
+# -- saving and loading ---------------------------------------------------------------------------
+
+
+def test_save_and_load_without_pickle(tmp_path):
+    from backends.torch.backend import load_torch, save_torch
+    from compiler.ir.serialize import graph_from_plain, graph_to_plain
+    from compiler.ops.codebook import pack_indices
+
+    graph = conv_linear_graph()
+    g, _ = one_node(
+        "codebook_lookup",
+        [randn(2, 4), pack_indices(np.array([0, 3, 1, 2]), 2)],
+        {"shape": (2, 2), "bits": 2},
+        (0, 1),
+    )
+    module = compile_torch(graph)
+    module.classifier.weight.data.mul_(2.0)  # a tuned weight is what gets saved
+    path = save_torch(module.double(), tmp_path / "m.pt")  # saved in float64, loads in float32
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"format", "graph", "constants", "state_dict"}
+    loaded = load_torch(path)
+    assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in module.named_parameters()]
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x).numpy(), module(x.double()).numpy(), rtol=1e-5)
+    plain = graph_to_plain(g)  # the plain form round-trips: names, attributes, meta, types
+    back = graph_from_plain(plain, {v.name: v.data for v in g.constants()}.__getitem__)
+    assert str(back) == str(g)
+    g.nodes[0].attrs["shape"] = object()
+    with pytest.raises(BackendError, match="cannot be saved"):
+        graph_to_plain(g)
+    with pytest.raises(BackendError, match="not a slimgraph torch file"):
+        torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+        load_torch(tmp_path / "other.pt")
+    torch.save(module, tmp_path / "pickled.pt")  # a module pickled whole, as before
+    with pytest.raises(BackendError, match=r"weights_only=False"):
+        load_torch(tmp_path / "pickled.pt")

@@ -16,7 +16,7 @@ import torch
 
 from compiler.api import compile
 from compiler.cli import main
-from compiler.errors import OptionError
+from compiler.errors import InputError, OptionError, SlimgraphError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -411,3 +411,149 @@ def test_first_hour_3_no_change_says_why():
     report = compile(net, torch.randn(1, 3, 8, 8), passes=["factorize-rank(energy=1.0)"]).report
     assert report.rows[-1].changed is False
     assert any("factorize-rank changed nothing" in n for n in report.notes)
+
+
+class WidthNet(torch.nn.Module):
+    """A user's class whose widths are arguments: what a pruned model is rebuilt from."""
+
+    def __init__(self, widths=(16, 32)):
+        super().__init__()
+        a, b = widths
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, a, 3, padding=1), torch.nn.BatchNorm2d(a)
+        )
+        self.conv = torch.nn.Conv2d(a, b, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(b)
+        self.fc = torch.nn.Linear(b * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _width_net() -> WidthNet:
+    torch.manual_seed(0)
+    net = WidthNet().eval()
+    for bn in (net.stem[1], net.bn):  # statistics that are not the identity
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+    return net
+
+
+@pytest.mark.parametrize("backend", ["onnx", "numba", "torch"])
+def test_first_hour_7_artifacts_take_any_batch(tmp_path, backend):
+    # "Got: 2 Expected: 1": the example input's batch was a contract. Traced at batch 1, each
+    # artifact now runs 1, 2 and 5 (the ONNX file in a plain onnxruntime session).
+    import numpy as np
+
+    net = _width_net()
+    compiled = compile(net, torch.randn(1, 3, 8, 8), passes=["fuse"], backend=backend)
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        compiled.save(tmp_path / "m.onnx")
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape == ["batch", 3, 8, 8]
+    for n in (1, 2, 5):
+        x = torch.randn(n, 3, 8, 8)
+        with torch.no_grad():
+            want = net(x).numpy()
+        if backend == "onnx":
+            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        else:
+            got = compiled(x).numpy()
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if backend == "numba":  # runs in chunks of the compiled batch: each sample exactly as alone
+        x = torch.randn(3, 3, 8, 8)
+        whole = compiled(x).numpy()
+        for i in range(3):
+            np.testing.assert_array_equal(whole[i : i + 1], compiled(x[i : i + 1]).numpy())
+
+
+@pytest.mark.parametrize("backend", ["onnx", "numba", "torch"])
+def test_first_hour_7_a_graph_that_mixes_samples_names_the_node(backend):
+    class BatchStats(torch.nn.Module):  # normalizes with statistics over the batch
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    compiled = compile(BatchStats(), torch.randn(2, 4), backend=backend)
+    with pytest.raises(InputError) as info:
+        compiled(torch.randn(3, 4))
+    text = str(info.value)
+    assert "runs only at" in text and "(mean" in text and "reduces over the batch" in text, text
+    assert "Fix:" in text
+
+
+def test_first_hour_7_the_pt_loads_without_unpickling_code(tmp_path):
+    from compiler.api import load
+
+    net = _width_net()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = compile(net, x, passes=["fuse"], backend="torch")
+    compiled.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)  # plain data and tensors
+    assert payload["format"] == "slimgraph.torch/1" and "stem.0.weight" in payload["state_dict"]
+    module = load(tmp_path / "m.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), compiled.artifact(x), rtol=0, atol=0)
+    assert module.training is False and all(p.requires_grad for p in module.parameters())
+    # a file from before (a pickled module) is refused, saying how to load one you trust
+    torch.save(compiled.artifact, tmp_path / "old.pt")
+    with pytest.raises(SlimgraphError, match="weights_only=False"):
+        load(tmp_path / "old.pt")
+    assert torch.load(tmp_path / "old.pt", weights_only=False)(x).shape == (2, 10)
+
+
+def test_first_hour_7_each_artifact_loads_as_documented(tmp_path):
+    import numpy as np
+
+    from compiler.api import load
+
+    relu = torch.nn.Sequential(torch.nn.ReLU())  # a small numba package: loads in seconds
+    x = torch.randn(3, 4)
+    for backend, name in [("onnx", "r.onnx"), ("numba", "relu_first_hour_pkg"), ("torch", "r.pt")]:
+        compiled = compile(relu, torch.randn(1, 4), backend=backend)
+        compiled.save(tmp_path / name)
+        artifact = load(tmp_path / name)
+        got = artifact(x).detach().numpy() if backend == "torch" else artifact.run(x.numpy())[0]
+        np.testing.assert_array_equal(got, torch.relu(x).numpy())
+    doc = (ROOT / "docs" / "backends.md").read_text()
+    for snippet in (
+        "load_torch",
+        "OnnxModel.load",
+        "InferenceSession",
+        "load_numba",
+        "weights_only",
+    ):
+        assert snippet in doc, snippet
+
+
+def test_first_hour_7_to_torch_keeps_the_module_paths():
+    net = _width_net()
+    module = compile(net, torch.randn(1, 3, 8, 8), passes=["fuse"]).to_torch()
+    names = dict(module.named_parameters())
+    assert "stem.0.weight" in names and "conv.weight" in names and "fc.bias" in names
+    assert "conv.bias" in names  # the folded batch norm's bias, beside its conv's weight
+    assert module.stem[0].weight is names["stem.0.weight"]  # nested, like the user's module
+    assert module.stem_0_weight is names["stem.0.weight"]  # the flat names still work
+
+
+def test_first_hour_7_pruned_weights_load_into_a_narrower_copy():
+    net = _width_net()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = compile(net, x, passes=["prune-channels(ratio=0.5)"])  # no fuse: the BNs stay
+    state = compiled.user_state_dict()
+    widths = (state["stem.0.weight"].shape[0], state["conv.weight"].shape[0])
+    assert widths[0] < 16 and widths[1] < 32
+    narrow = WidthNet(widths).eval()
+    narrow.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), compiled(x), rtol=1e-4, atol=1e-5)
+    fused = compile(net, x, passes=["fuse"])
+    with pytest.raises(SlimgraphError, match=r"stem\.0: batch_norm 'stem\.1' folded into it"):
+        fused.user_state_dict()
+    assert set(fused.user_state_dict(strict=False)) == {"fc.weight", "fc.bias"}

@@ -1,8 +1,14 @@
 """Runtime of a generated numba model: input checks, the buffer arena, run() and load().
 
 Needs only numpy and numba: a saved package gets a copy as ``runtime.py``. A generated module
-(``model.py``) provides ``INPUTS``, ``OUTPUTS``, ``SLOTS``, ``VIEWS``, ``prepare`` and
+(``model.py``) provides ``INPUTS``, ``OUTPUTS``, ``SLOTS``, ``VIEWS``, ``BATCH``, ``prepare`` and
 ``forward``.
+
+The buffers and kernel calls of ``forward`` are planned for the compiled batch (axis 0 of the
+inputs). Any other batch runs in chunks of it, each sample computed exactly as in a run of the
+compiled batch: the last chunk is filled up with copies of its last sample, whose results are
+dropped. ``BATCH`` says where each output holds the batch, so the chunks' outputs are joined
+there; a graph that mixes the samples (``BATCH`` None) runs its compiled batch only.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ class InputError(ValueError):
 
 def check_inputs(spec, arrays) -> list[np.ndarray]:
     """Coerce ``arrays`` to the model's inputs: count, shape, dtype (same-kind casts are applied),
-    C-contiguous. Raises :class:`InputError` saying what was expected and how to fix it."""
+    C-contiguous. The batch (axis 0) may differ from the compiled one where ``spec.BATCH`` is
+    set, the same in every input. Raises :class:`InputError` saying what was expected and how to
+    fix it."""
+    return _check(spec, arrays)[0]
+
+
+def _check(spec, arrays) -> tuple[list[np.ndarray], int | None]:
+    """:func:`check_inputs`, and the batch when it is not the compiled one (else None)."""
     inputs = spec.INPUTS
     if len(arrays) != len(inputs):
         want = ", ".join(f"{n}: {d}{list(s)}" for n, s, d in inputs)
@@ -30,13 +43,27 @@ def check_inputs(spec, arrays) -> list[np.ndarray]:
             f"Fix: pass one array per input, in order: {want}"
         )
     out = []
+    batches, other = set(), False
     for (name, shape, dtype), array in zip(inputs, arrays):
         array = np.asarray(array)
         if tuple(array.shape) != tuple(shape):
-            raise InputError(
-                f"input {name!r} expects shape {tuple(shape)}, got {tuple(array.shape)}. Fix: "
-                "reshape the input, or compile again with example inputs of the shape you run"
-            )
+            other = True
+            if array.ndim != len(shape) or not shape or tuple(array.shape[1:]) != shape[1:]:
+                free = " (the batch, axis 0, may be any size)" if spec_batch(spec) else ""
+                raise InputError(
+                    f"input {name!r} expects shape {tuple(shape)}, got {tuple(array.shape)}"
+                    f"{free}. Fix: reshape the input, or compile again with example inputs of "
+                    "the shape you run"
+                )
+            if not spec_batch(spec):
+                why = getattr(spec, "STATIC_BATCH", "") or "it was compiled for that batch"
+                raise InputError(
+                    f"input {name!r} expects shape {tuple(shape)}, got {tuple(array.shape)}: "
+                    f"model {spec.GRAPH!r} runs only at batch {shape[0]}: {why}. Fix: run "
+                    f"batches of {shape[0]} (split or pad the input), or trace with example "
+                    "inputs of the batch you will run"
+                )
+        batches.add(array.shape[0] if array.ndim else None)
         if array.dtype != np.dtype(dtype):
             if not np.can_cast(array.dtype, dtype, casting="same_kind"):
                 raise InputError(
@@ -45,7 +72,17 @@ def check_inputs(spec, arrays) -> list[np.ndarray]:
                 )
             array = array.astype(dtype)
         out.append(np.ascontiguousarray(array))
-    return out
+    if other and len(batches) > 1:
+        raise InputError(
+            f"the inputs of model {spec.GRAPH!r} have different batches {sorted(batches)}. "
+            "Fix: give every input the same size along axis 0"
+        )
+    return out, batches.pop() if other else None
+
+
+def spec_batch(spec) -> bool:
+    """Whether the model runs other batches than its compiled one (older models: no)."""
+    return getattr(spec, "BATCH", None) is not None
 
 
 def _aligned(nbytes: int) -> np.ndarray:
@@ -76,10 +113,41 @@ class Model:
 
     def run(self, *arrays) -> list[np.ndarray]:
         """Run on one array per input (in order); returns the outputs as new arrays."""
-        xs = check_inputs(self.spec, arrays)
-        return self.spec.forward(self.w, self.b, numba.get_num_threads(), *xs)
+        xs, batch = _check(self.spec, arrays)
+        if batch is None:
+            return self.spec.forward(self.w, self.b, numba.get_num_threads(), *xs)
+        return self._chunks(xs, self.spec.INPUTS[0][1][0])
 
     __call__ = run
+
+    def _chunks(self, xs: list, size: int) -> list[np.ndarray]:
+        """Run a batch other than the compiled ``size`` in chunks of ``size`` samples."""
+        n, nt = xs[0].shape[0], numba.get_num_threads()
+        parts: list[list[np.ndarray]] = [[] for _ in self.spec.OUTPUTS]
+        for start in range(0, n, size):
+            chunk = [x[start : start + size] for x in xs]
+            valid = chunk[0].shape[0]
+            if valid < size:  # fill up with the last sample (real data: no kernel sees zeros)
+                chunk = [np.concatenate([c] + [c[-1:]] * (size - valid)) for c in chunk]
+            outs = self.spec.forward(self.w, self.b, nt, *chunk)
+            for part, out, batch in zip(parts, outs, self.spec.BATCH):
+                if batch is None:  # no batch in it: the same for every chunk
+                    if not part:
+                        part.append(out)
+                    continue
+                axis, outer, inner = batch
+                out = out.reshape(out.shape[:axis] + (outer, size, inner) + out.shape[axis + 1 :])
+                part.append(out[(slice(None),) * (axis + 1) + (slice(0, valid),)])
+        results = []
+        for part, batch in zip(parts, self.spec.BATCH):
+            if batch is None:
+                results.append(part[0])
+                continue
+            axis, outer, inner = batch
+            joined = np.concatenate(part, axis=axis + 1)
+            shape = joined.shape[:axis] + (outer * n * inner,) + joined.shape[axis + 3 :]
+            results.append(joined.reshape(shape))
+        return results
 
 
 def _nbytes(shape, dtype) -> int:
