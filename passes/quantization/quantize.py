@@ -517,7 +517,6 @@ def _quantize_layer(
     node.meta["quantized"] = {"weight_bits": bits, "group_size": groups}
 
 
-
 def _min_weight_scale(bias: np.ndarray | None, s_x: float | None) -> np.ndarray | None:
     """Per-output-channel floor on the weight scale so that the int32 bias (scale ``s_x * s_w``)
     fits in ``BIAS_LIMIT``: a bias large next to ``x * w`` (a random net whose activations decay
