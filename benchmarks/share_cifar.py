@@ -3,8 +3,15 @@ test_dev_2k without and with a short centroid fine-tune, ONNX and numba artifact
 zipped) against fp32, numba decode-at-load vs decode-per-call; then the Deep-Compression-style
 pipeline prune + share (+ int8 with ``--pipeline-quantize``) with its total compression ratio.
 
+With ``--aware``, instead: weight-only against output-aware codebooks (``share-weights`` given
+``--samples`` unlabeled train_20k images as calibration data), side by side per model and bit width,
+no fine-tune, with the float model's accuracy and the reconstruction's seconds (wall and CPU) and
+output deviation on the calibration data.
+
     python benchmarks/share_cifar.py                          # the full table (tens of minutes)
     python benchmarks/share_cifar.py --bits 4 --epochs 0.1 --no-pipeline
+    python benchmarks/share_cifar.py --aware                  # ResNet-56 and -20 at 4, 3, 2 bits
+    python benchmarks/share_cifar.py --aware --depths 20 --bits 3 --samples 256
 
 Needs ../shared/data (or $SLIMGRAPH_DATA).
 """
@@ -111,9 +118,105 @@ def share_and_tune(graph, bits: int, epochs: float, lr: float, data, groups: int
     return shared, acc0, acc1, seconds
 
 
+def aware_rows(depth: int, bit_widths: list[int], args, x_dev, y_dev) -> list[dict]:
+    """Float, then per bit width weight-only and output-aware sharing of the pretrained ResNet-
+    ``depth`` (fused, traced at batch ``args.batch``), top-1 on test_dev_2k without fine-tuning."""
+    model = cifar.load_pretrained(depth)
+    fused = compile(model, torch.zeros(args.batch, 3, 32, 32), passes=["fuse"], check=False).graph
+    calib = cifar.calibration_batch(args.samples, seed=0)
+    rows = [{"model": f"ResNet-{depth}", "bits": None, "kind": "float", "acc": None}]
+    rows[0]["acc"] = cifar.evaluate(model, x_dev, y_dev)
+    print(f"ResNet-{depth} float: {rows[0]['acc']:.2f} %", flush=True)
+    for bits in bit_widths:
+        for kind in ("weight-only", "output-aware"):
+            options = {"bits": bits, "groups": args.groups}
+            if kind == "output-aware":
+                options["calibration_data"] = calib
+            graph = fused.clone()
+            wall, cpu = time.perf_counter(), time.process_time()
+            PassManager(passes=[ShareWeights(**options)]).run(graph)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            acc = cifar.evaluate(compile_torch(graph), x_dev, y_dev)
+            info = graph.meta["weight_sharing"].get("reconstruction")
+            rows.append(
+                {
+                    "model": f"ResNet-{depth}",
+                    "bits": bits,
+                    "kind": kind,
+                    "acc": acc,
+                    "wall": wall,
+                    "cpu": cpu,
+                    "info": info,
+                }
+            )
+            print(f"ResNet-{depth} {bits} bits {kind}: {acc:.2f} % ({wall:.1f} s)", flush=True)
+    return rows
+
+
+def print_aware(rows: list[dict], args) -> None:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print()
+    print(
+        f"CIFAR-10 test_dev_2k top-1, no fine-tune; output-aware: {args.samples} unlabeled "
+        f"train_20k images (batch {args.batch}), {args.groups} codebook(s) per layer; "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at the end"
+    )
+    print()
+    print(
+        "| model | bits | weight-only % | output-aware % | vs float (weight-only / aware) | "
+        "pass s (wall / CPU) | deviation on calibration data |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    floats = {r["model"]: r["acc"] for r in rows if r["kind"] == "float"}
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        if r["kind"] != "float":
+            pairs.setdefault((r["model"], r["bits"]), {})[r["kind"]] = r
+    for model, acc in floats.items():
+        print(f"| {model} | float | {acc:.2f} | {acc:.2f} | | | |")
+        for (m, bits), pair in pairs.items():
+            if m != model:
+                continue
+            plain, aware = pair["weight-only"], pair["output-aware"]
+            info = aware["info"]
+            print(
+                f"| {model} | {bits} | {plain['acc']:.2f} | **{aware['acc']:.2f}** | "
+                f"{plain['acc'] - acc:+.2f} / {aware['acc'] - acc:+.2f} | "
+                f"{aware['wall']:.1f} / {aware['cpu']:.1f} | "
+                f"{info['deviation_before']:.3f} -> {info['deviation_after']:.3f} |"
+            )
+    print()
+    bounds = {4: 1.0, 3: 3.0}
+    parts, met = [], True
+    for (model, bits), pair in pairs.items():
+        drop = floats[model] - pair["output-aware"]["acc"]
+        parts.append(
+            f"{model} {bits} bits {pair['output-aware']['acc'] - floats[model]:+.2f} (weight-only "
+            f"{pair['weight-only']['acc'] - floats[model]:+.2f})"
+        )
+        if bits in bounds and drop > bounds[bits]:
+            met = False
+    slowest = max(
+        (p["output-aware"]["wall"] for (m, _), p in pairs.items() if m == "ResNet-56"),
+        default=float("nan"),
+    )
+    print(
+        "share_cifar: output-aware vs float: " + "; ".join(parts) + f"; bounds (4 bits within 1 "
+        f"pt, 3 within 3) {'met' if met else 'NOT met'}; slowest ResNet-56 pass {slowest:.0f} s"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bits", default="8,5,4,3")
+    ap.add_argument(
+        "--aware",
+        action="store_true",
+        help="compare weight-only and output-aware codebooks (no fine-tune, no artifacts)",
+    )
+    ap.add_argument("--depths", default="56,20", help="--aware: CIFAR ResNet depths")
+    ap.add_argument("--samples", type=int, default=512, help="--aware: calibration images")
+    ap.add_argument("--batch", type=int, default=64, help="--aware: traced batch")
+    ap.add_argument("--bits", default=None, help="bit widths (default 8,5,4,3; --aware: 4,3,2)")
     ap.add_argument("--epochs", type=float, default=0.25, help="centroid fine-tune, in epochs")
     ap.add_argument(
         "--lr",
@@ -154,6 +257,8 @@ def main() -> int:
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the fine-tunes")
     args = ap.parse_args()
+    if args.bits is None:
+        args.bits = "4,3,2" if args.aware else "8,5,4,3"
     if not cifar.data_available(
         "cifar10/test_dev_2k.npz", "cifar10/train_20k.npz", "resnet_cifar10"
     ):
@@ -161,6 +266,13 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     x_dev, y_dev = cifar.load_cifar("test_dev_2k")
+    if args.aware:
+        bit_widths = [int(b) for b in args.bits.split(",") if b]
+        rows = []
+        for depth in [int(d) for d in args.depths.split(",") if d]:
+            rows += aware_rows(depth, bit_widths, args, x_dev, y_dev)
+        print_aware(rows, args)
+        return 0
     x_train, y_train = cifar.load_cifar("train_20k")
     data = (x_dev, y_dev, x_train, y_train)
     model = cifar.load_pretrained(56)

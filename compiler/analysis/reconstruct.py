@@ -200,7 +200,9 @@ def _columns(node: Node, x: np.ndarray) -> np.ndarray:
     a = node.attrs
     cols = im2col(x, w.shape[2], w.shape[3], a["stride"], a["padding"], a["dilation"])
     n, c, k, oh, ow = cols.shape
-    return cols.reshape(n, c * k, oh * ow).transpose(0, 2, 1).reshape(-1, c * k).astype(np.float64)
+    # one copy (transpose and cast together), not two: it is a third of the accumulation's time
+    rows = np.ascontiguousarray(cols.transpose(0, 3, 4, 1, 2), dtype=np.float64)
+    return rows.reshape(-1, c * k)
 
 
 def _targets(node: Node, y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:

@@ -1,5 +1,7 @@
 """share-weights: golden IR, 1-D k-means properties, bit packing, backends against the
-interpreter, the centroid gradient rule, a fine-tune round trip, errors, and two zoo models."""
+interpreter, the centroid gradient rule, a fine-tune round trip, errors, two zoo models, and the
+output-aware codebooks fit on calibration data (exact centroid solve, lower output error than
+weight-only, bad data leaving the graph as it was, every backend running the result)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import backends.numba.codebook as numba_codebook
 from backends.numba.backend import compile_numba
 from backends.onnx.backend import compile_onnx
 from backends.torch.backend import compile_torch, mean_centroid_gradients, to_graph
-from compiler.errors import OptionError, PassError
+from compiler.analysis.reconstruct import LayerProblem
+from compiler.errors import InputError, OptionError, PassError
 from compiler.ir.graph import Graph
 from compiler.ir.interpreter import run
 from compiler.ops.codebook import pack_indices, packed_size, unpack_indices
 from compiler.pass_manager import PassManager, deviation
 from passes.cleanup import FoldConstants
-from passes.weight_sharing import ShareWeights, kmeans_1d
+from passes.weight_sharing import ShareWeights, kmeans_1d, layer_matrix, solve_centroids
 
 rng = np.random.default_rng(0)
 
@@ -235,6 +238,12 @@ def test_pack_layout_is_little_endian_low_bits_first():
 @pytest.mark.parametrize("bits, groups", [(2, 1), (3, 2), (4, 4), (8, 1)])
 def test_backends_match_the_interpreter(bits, groups):
     graph = share(conv_net(), bits=bits, groups=groups, min_weights=0, ignore=("fc",))
+    assert_backends_match_the_interpreter(graph, bits)
+
+
+def assert_backends_match_the_interpreter(graph: Graph, bits: int) -> None:
+    """torch, ONNX Runtime and numba (weights decoded at load and per call) run ``graph`` and
+    match the interpreter; each shared layer is one call of the ONNX decode function."""
     x = randn(2, 3, 6, 6)
     (want,) = run(graph, [x])
     with torch.no_grad():
@@ -483,3 +492,253 @@ def test_pruning_after_sharing_says_why_the_shared_layers_stay():
         and "before share-weights" in n
         for n in result.report.notes
     )
+
+
+# -- output-aware codebooks (calibration data) -------------------------------------------------------
+
+
+def anisotropic_inputs(n: int, seed: int) -> np.ndarray:
+    """(n, 32) samples whose features differ in scale by 300x and are correlated."""
+    r = np.random.default_rng(seed)
+    scales = np.logspace(-1.5, 1, 32)
+    mix = np.eye(32) + 0.3 * np.random.default_rng(7).standard_normal((32, 32))
+    return ((r.standard_normal((n, 32)) @ mix) * scales).astype(np.float32)
+
+
+def mlp(seed: int = 0) -> Graph:
+    """x[8, 32] -> linear(32 -> 24, relu) -> linear(24 -> 6), weights seeded by ``seed``."""
+    r = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return r.standard_normal(shape).astype(np.float32)
+
+    g = Graph("mlp")
+    x = g.add_input("x", (8, 32))
+    h = g.add_node(
+        "linear",
+        [x, g.constant(weight(24, 32), "fc1.weight"), g.constant(weight(24), "fc1.bias")],
+        {"activation": "relu"},
+        name="fc1",
+    )
+    y = g.add_node(
+        "linear",
+        [h.outputs[0], g.constant(weight(6, 24), "fc2.weight"), g.constant(weight(6), "fc2.bias")],
+        name="fc2",
+    )
+    g.outputs = [y.outputs[0]]
+    return g
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_output_aware_codebooks_beat_weight_only_on_anisotropic_inputs(seed):
+    graph = mlp(seed)
+    calib, held_out = anisotropic_inputs(256, 0), anisotropic_inputs(256, 1)
+    shared = {
+        "weight-only": share(graph, bits=2, min_weights=0),
+        "output-aware": share(graph, bits=2, min_weights=0, calibration_data=calib),
+    }
+    want = np.concatenate([run(graph, [b])[0] for b in np.split(held_out, 32)])
+    error = {}
+    for name, g in shared.items():
+        got = np.concatenate([run(g, [b])[0] for b in np.split(held_out, 32)])
+        error[name] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert error["output-aware"] < 0.65 * error["weight-only"], error  # 0.54-0.59 measured
+    info = shared["output-aware"].meta["weight_sharing"]["reconstruction"]
+    assert info["layers"] == 2 and info["samples"] == 256 and not info["skipped"]
+    assert info["deviation_after"] < 0.7 * info["deviation_before"]
+    for before, after in info["per_layer"].values():
+        assert after < before
+    assert any(
+        n.startswith("share-weights: fit 2 codebook(s)")
+        for n in shared["output-aware"].meta["notes"]
+    )
+    # still codebooks: sorted centroids, 4 per layer, indices packed in 2 bits
+    for node in shared["output-aware"].find("codebook_lookup"):
+        book = node.inputs[0].data
+        assert book.shape == (1, 4) and np.all(np.diff(book[0]) >= 0)
+        assert node.inputs[1].data.size == node.outputs[0].numel * 2 // 8
+
+
+def layer_problem(xs: list[np.ndarray], ys: list[np.ndarray], bias: bool) -> LayerProblem:
+    """The accumulated problem of a layer whose conv group ``g`` maps inputs ``xs[g]`` (rows, d)
+    to targets ``ys[g]`` (rows, outputs of the group)."""
+    cols = [np.concatenate([x, np.ones((len(x), 1))], axis=1) if bias else x for x in xs]
+    return LayerProblem(
+        node=None,
+        groups=len(xs),
+        features=xs[0].shape[1],
+        bias=bias,
+        xtx=np.stack([c.T @ c for c in cols]),
+        xty=np.stack([c.T @ y for c, y in zip(cols, ys)]),
+        yty=np.concatenate([np.sum(y * y, axis=0) for y in ys]),
+        rows=len(xs[0]),
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("conv_groups", [1, 2])
+def test_centroid_solve_is_the_least_squares_solution(bias, conv_groups):
+    """For fixed indices, the centroids (and biases) are exactly the least-squares fit of the
+    layer's outputs: the same as lstsq on the explicit design matrix over (centroids, biases).
+    Two codebooks (output rows 0-2 and 3-5); with two conv groups each sees its own inputs."""
+    r = np.random.default_rng(0)
+    rows, d, outputs, k, groups = 300, 10, 6, 4, 2
+    xs = [r.standard_normal((rows, d)) * np.logspace(-1, 1, d) for _ in range(conv_groups)]
+    y = r.standard_normal((rows, outputs))
+    ys = np.split(y, conv_groups, axis=1)
+    index = r.integers(0, k, (outputs, d))
+    row_group = np.arange(outputs) // (outputs // groups)
+    problem = layer_problem(xs, ys, bias)
+    books = solve_centroids(problem, index, row_group, np.zeros((groups, k)))
+    m = layer_matrix(problem, books, index, row_group)
+    # the explicit problem: y[:, o] = sum_k c[g(o), k] * (x_o @ (index[o] == k)) + b[o]
+    design = np.zeros((rows * outputs, groups * k + outputs * bias))
+    for o in range(outputs):
+        x = xs[o // (outputs // conv_groups)]
+        for j in range(k):
+            design[o * rows : (o + 1) * rows, row_group[o] * k + j] = x @ (index[o] == j)
+        if bias:
+            design[o * rows : (o + 1) * rows, groups * k + o] = 1
+    solution = np.linalg.lstsq(design, y.T.reshape(-1), rcond=None)[0]
+    np.testing.assert_allclose(books.reshape(-1), solution[: groups * k], rtol=1e-8, atol=1e-10)
+    if bias:
+        np.testing.assert_allclose(m[:, -1], solution[groups * k :], rtol=1e-8, atol=1e-10)
+    residual = design @ solution - y.T.reshape(-1)
+    expected = np.linalg.norm(residual) / np.linalg.norm(y)
+    assert abs(problem.error(m) - expected) < 1e-9
+
+
+def test_centroid_solve_recovers_a_codebook_exactly():
+    """Outputs made by a codebook layer are reproduced exactly from its indices (error ~ 0),
+    and a centroid no weight uses keeps its previous value."""
+    r = np.random.default_rng(1)
+    x = r.standard_normal((200, 12)) * np.logspace(-1, 1, 12)
+    book = np.array([[-0.7, -0.1, 0.2, 0.9]])
+    index = r.integers(0, 3, (5, 12))  # centroid 3 unused
+    b = r.standard_normal(5)
+    y = x @ book[0][index].T + b
+    problem = layer_problem([x], [y], bias=True)
+    got = solve_centroids(problem, index, np.zeros(5, np.int64), np.array([[0.0, 0.0, 0.0, 5.0]]))
+    np.testing.assert_allclose(got[0, :3], book[0, :3], atol=1e-9)
+    assert got[0, 3] == 5.0
+    m = layer_matrix(problem, got, index, np.zeros(5, np.int64))
+    np.testing.assert_allclose(m[:, -1], b, atol=1e-9)
+    assert problem.error(m) < 1e-9
+
+
+def test_calibration_data_from_compile_turns_it_on():
+    from compiler.api import compile
+
+    graph = conv_net()
+    calib = randn(8, 3, 6, 6)
+    on = compile(graph, passes=[ShareWeights(bits=2, min_weights=0)], calibration_data=calib)
+    info = on.graph.meta["weight_sharing"]["reconstruction"]
+    assert info["layers"] == 3 and info["samples"] == 8
+    assert any(n.startswith("share-weights: fit 3 codebook(s)") for n in on.report.notes)
+    off = compile(
+        graph,
+        passes=[ShareWeights(bits=2, min_weights=0, reconstruct=False)],
+        calibration_data=calib,
+    )
+    assert "reconstruction" not in off.graph.meta["weight_sharing"]
+    plain = share(graph, bits=2, min_weights=0)
+    for a, b in zip(off.graph.constants(), plain.constants()):
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_output_aware_result_runs_in_every_backend():
+    graph = share(conv_net(), bits=3, groups=2, min_weights=0, calibration_data=randn(8, 3, 6, 6))
+    assert graph.meta["weight_sharing"]["reconstruction"]["layers"] == 3
+    assert_backends_match_the_interpreter(graph, 3)
+
+
+def test_too_few_rows_auto_skips_and_explicit_raises():
+    # fc (4 inputs, no bias) sees one row per sample: 2 samples are too few for 4 unknowns
+    calib = randn(2, 3, 6, 6)
+    graph = share(conv_net(), bits=2, min_weights=0, calibration_data=calib)
+    info = graph.meta["weight_sharing"]["reconstruction"]
+    assert info["layers"] == 2 and "needs at least" in info["skipped"]["fc"]
+    assert "1 left weight-only (e.g. fc:" in graph.meta["notes"][-1]
+    with pytest.raises(InputError, match="at least 4 calibration samples"):
+        share(conv_net(), bits=2, min_weights=0, calibration_data=calib, reconstruct=True)
+
+
+def test_tied_weights_keep_their_weight_only_codebook():
+    """A weight read by two layers has one codebook: no single layer's output may decide it, so
+    it stays weight-only (the engine says why) and the other layers are still fit."""
+    g = Graph("tied")
+    x = g.add_input("x", (4, 16))
+    w = g.constant(randn(16, 16), "tied.weight")
+    a = g.add_node("linear", [x, w], {"activation": "relu"}, name="a")
+    b = g.add_node("linear", [a.outputs[0], w], name="b")
+    c = g.add_node("linear", [b.outputs[0], g.constant(randn(8, 16), "c.weight")], name="c")
+    g.outputs = [c.outputs[0]]
+    shared = share(g, bits=2, min_weights=0, calibration_data=randn(64, 16))
+    info = shared.meta["weight_sharing"]["reconstruction"]
+    assert info["layers"] == 1 and set(info["skipped"]) == {"a", "b"}
+    assert "read by this layer only" in info["skipped"]["a"]
+    assert len(shared.find("codebook_lookup")) == 2
+
+
+@pytest.mark.parametrize(
+    "data, error, message",
+    [
+        (lambda x: x[:, :2], InputError, "has shape"),
+        (lambda x: x.astype(np.complex64), InputError, "dtype"),
+        (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), InputError, "NaN"),
+        (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.inf, x), InputError, "inf"),
+        (lambda x: x[:1], InputError, "batch is 2"),
+        (lambda x: x[:0], InputError, "empty|no samples|0 samples"),
+    ],
+)
+def test_bad_calibration_data_leaves_the_graph_untouched(data, error, message):
+    graph = conv_net()
+    before = str(graph)
+    weights = {c.name: c.data.copy() for c in graph.constants()}
+    with pytest.raises(error, match=message) as e:
+        ShareWeights(bits=2, min_weights=0, calibration_data=data(randn(8, 3, 6, 6))).run(graph)
+    assert e.value.hint
+    assert str(graph) == before and "weight_sharing" not in graph.meta
+    for c in graph.constants():
+        np.testing.assert_array_equal(c.data, weights[c.name])
+
+
+def test_reconstruction_option_errors():
+    with pytest.raises(OptionError, match="reconstruct=True needs calibration data"):
+        share(conv_net(), bits=2, reconstruct=True)
+    assert ShareWeights(reconstruct=True).missing_data()
+    with pytest.raises(OptionError, match="importance= weighs the weight-only k-means"):
+        share(
+            conv_net(),
+            bits=2,
+            importance=lambda n, w: np.abs(w),
+            calibration_data=randn(8, 3, 6, 6),
+        )
+    with pytest.raises(OptionError, match="reconstruct_ridge"):
+        ShareWeights(reconstruct_ridge=0.0)
+    with pytest.raises(OptionError, match="reconstruct_iterations"):
+        ShareWeights(reconstruct_iterations=-1)
+
+
+def test_grouped_conv_and_several_codebooks_per_layer():
+    """A grouped conv (each conv group of outputs sees its own input channels) with two
+    codebooks, each spanning two conv groups: solved per conv group and per codebook."""
+    r = np.random.default_rng(3)
+    g = Graph("grouped")
+    x = g.add_input("x", (4, 4, 6, 6))
+    w, b = r.standard_normal((8, 1, 3, 3)), r.standard_normal(8)
+    c = g.add_node(
+        "conv2d",
+        [x, g.constant(w.astype(np.float32), "dw.weight"), g.constant(b.astype(np.float32), "b")],
+        {"padding": (1, 1), "groups": 4},
+        name="dw",
+    )
+    g.outputs = [c.outputs[0]]
+    scale = np.array([0.1, 1.0, 3.0, 0.3])[:, None, None]
+    calib = (r.standard_normal((16, 4, 6, 6)) * scale).astype(np.float32)
+    shared = share(g, bits=2, groups=2, min_weights=0, calibration_data=calib)
+    info = shared.meta["weight_sharing"]["reconstruction"]
+    ((before, after),) = info["per_layer"].values()
+    assert info["layers"] == 1 and after < before
+    (lookup,) = shared.find("codebook_lookup")
+    assert lookup.inputs[0].shape == (2, 4)
