@@ -1,6 +1,7 @@
 """Low-rank factorization of conv2d and linear layers into chains of ordinary conv2d/linear nodes:
 the ``factorize-rank`` pass, with rank selection by fixed rank, per-layer MAC ratio, energy, EVBMF
-or a global budget, optionally data-aware (whitened by calibration activations)."""
+or a global budget; with calibration data, data-aware (factors and errors whitened by the layers'
+input statistics) and refit by least squares to the original's outputs."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from typing import Any
 import numpy as np
 
 from compiler.analysis.allocate import BudgetError
-from compiler.errors import OptionError
+from compiler.errors import OptionError, PassError
 from compiler.ir.graph import Graph, Node
-from compiler.ops.nn import im2col
-from compiler.pass_manager import Pass, progress_bar, register_pass
+from compiler.pass_manager import Pass, pass_context, progress_bar, register_pass
 from compiler.report import graph_stats
 from passes.factorization import ranks as rs
+from passes.factorization.calibration import (
+    Chain,
+    checked_inputs,
+    refit_chains,
+    second_moments,
+)
 
 FORMS = ("auto", "channel", "spatial", "tucker2")
 MAX_TUCKER_LEVELS = 64  # rank levels per mode searched for Tucker-2 (64 x 64 pairs at most)
-MAX_WHITENED_DIM = 8192  # wider inputs keep plain SVD (the covariance would not fit in memory)
+EPILOGUE = ("activation", "activation_attrs")
 
 
 @register_pass
@@ -42,10 +48,17 @@ class FactorizeRank(Pass):
     this share of its MACs, least error within it), ``energy`` (each layer keeps at least this
     share of its squared singular values, at the least cost), ``evbmf=True`` (EVBMF per unfolding)
     or ``target`` (the fraction of the whole graph's MACs or params to keep, allocated across
-    layers for the least summed discarded energy by compiler/analysis/allocate.py). With
-    ``calibration_data`` the errors are the layers' output errors on those inputs (whitened SVD:
-    SVD of ``W L`` with ``L L^T`` the input second moment, ``W ~= (U_r S_r)(V_r^T L^-1)``); that
-    mode uses the channel form for convs.
+    layers for the least summed discarded energy by compiler/analysis/allocate.py).
+
+    With ``calibration_data`` (no labels) the pass is data-aware: every form's factors and errors
+    are whitened by the layer's input second moment ``E[x x^T] = L L^T`` (channel: SVD of ``W L``,
+    ``W ~= (U_r S_r)(V_r^T L^-1)``; spatial and Tucker-2: see passes/factorization/ranks.py), so
+    the errors that pick ranks and forms are output errors. Then (``reconstruct``, on by default
+    with data) the last factor of every chain (every factor with ``reconstruct_factors="all"``)
+    is refit by least squares, in graph order on the factorized graph's own activations, so the
+    chain reproduces the original layer's output and absorbs the errors made upstream
+    (compiler/analysis/reconstruct.py). The factorized graph is built beside the original and
+    committed only once the refit succeeded: bad calibration data leaves the graph untouched.
 
     Attributes:
         rank, ratio, energy, evbmf, target: the rank selection (exactly one).
@@ -55,10 +68,22 @@ class FactorizeRank(Pass):
         min_rank: no factor narrower than this.
         ignore: module-path patterns (fnmatch) of layers to leave alone.
         require_saving: factorize only where MACs drop (False forces it, e.g. to test full rank).
-        calibration_data: inputs (an array, or one array per graph input) for data-aware errors.
+        calibration_data: inputs (an array, or one array per graph input, samples along axis
+            0; at least one batch of the graph's batch size) for the data-aware factors.
         calibration_samples: input rows (conv patches) per layer used for the second moment.
         damping: relative ridge added to the second moment before its Cholesky factor.
         seed: seeds the choice of calibration rows (conv patches) per layer.
+        reconstruct: refit the factors by least squares on ``calibration_data``. None (default):
+            on when calibration data is given, factors with fewer rows than unknowns skipped
+            with a note; True: required (an error without data or with too few samples);
+            False: off.
+        reconstruct_factors: "last" refits each chain's last factor to the original layer's
+            output; "all" also refits the inner factors, each to the leading outputs of its
+            full-rank counterpart (lower deviation, about 1.4x the refit time).
+        reconstruct_ridge: the refit's ridge penalty, relative to the mean of diag(X^T X).
+        reconstruct_residual: a last factor with a fused residual add also absorbs the error
+            carried by its residual input.
+        progress: show a progress bar while reconstructing.
     """
 
     name = "factorize-rank"
@@ -78,6 +103,11 @@ class FactorizeRank(Pass):
     calibration_samples: int = 16384
     damping: float = 1e-3
     seed: int = 0
+    reconstruct: bool | None = None
+    reconstruct_factors: str = "last"
+    reconstruct_ridge: float = 1e-4
+    reconstruct_residual: bool = True
+    progress: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         given = [n for n in ("rank", "ratio", "energy", "target") if getattr(self, n) is not None]
@@ -111,23 +141,46 @@ class FactorizeRank(Pass):
             raise OptionError(f"form {self.form!r} is unknown", hint=f"use one of {FORMS}")
         if self.round_to < 1 or self.min_rank < 1:
             raise OptionError("round_to and min_rank must be at least 1")
+        if self.reconstruct_factors not in ("last", "all"):
+            raise OptionError(
+                f"reconstruct_factors {self.reconstruct_factors!r} is not 'last' or 'all'"
+            )
 
     # -- the pass ---------------------------------------------------------------------------------
     def run(self, graph: Graph) -> bool:
-        nodes = self._eligible(graph)
-        if self.calibration_data is not None and self.form in ("spatial", "tucker2"):
+        if self.reconstruct and self.calibration_data is None:
             raise OptionError(
-                f"data-aware factorization (calibration_data) uses the channel form, not "
-                f"{self.form!r}",
-                hint="use form='channel' or 'auto' with calibration_data, or drop the data",
+                "reconstruct=True needs calibration data",
+                hint="pass calibration_data=<example inputs> (no labels needed) to the pass or "
+                "to compile(), or reconstruct=False",
             )
-        moments = self._second_moments(graph, nodes) if self.calibration_data is not None else {}
-        done = {}
+        data = None
+        if self.calibration_data is not None:  # checked before anything changes
+            data = checked_inputs(graph, self.calibration_data)
+        nodes = self._eligible(graph)
+        moments = {}
+        if data is not None:
+            moments = second_moments(graph, nodes, data, self.calibration_samples, self.seed)
+        rebuild = data is not None and self.reconstruct is not False
+        # with a refit, the factorized graph is built beside the original and committed only
+        # when the refit succeeded, so a failure leaves the graph untouched
+        work = graph.clone() if rebuild else graph
+        reference = graph.clone() if rebuild else None
+        by_name = [{n.name: n for n in g.nodes} for g in (work, reference) if g is not None]
+        done: dict[str, str] = {}
+        chains: list[Chain] = []
 
         def rewrite(layer: Layer, choice: rs.Choice | None) -> None:
-            if choice is not None:
-                layer.rewrite(graph, choice)
-                done[layer.node.name] = f"{choice.form} {'x'.join(map(str, choice.ranks))}"
+            if choice is None:
+                return
+            name = layer.node.name
+            new = layer.rewrite(work, choice, by_name[0][name])
+            done[name] = _label(choice)
+            if reference is not None:
+                full = rs.Choice(choice.form, layer.full_ranks(choice.form), 0, 0, 0.0)
+                names = [n.name for n in new]
+                layer.rewrite(reference, full, by_name[1][name], names)
+                chains.append(Chain(names, layer.kept_outputs(choice)))
 
         if self.target is not None:  # a global choice: every layer's candidates first
             layers = [
@@ -140,7 +193,11 @@ class FactorizeRank(Pass):
             for n in progress_bar(nodes, "factorize-rank: layers"):
                 layer = Layer.analyse(n, self, moments.get(n.name))
                 rewrite(layer, self._select(layer))
-        graph.meta["factorization"] = {"layers": done, "considered": len(nodes)}
+        info: dict[str, Any] = {"layers": done, "considered": len(nodes)}
+        if chains:
+            info["reconstruction"] = self._refit(reference, work, data, chains)
+            _commit(graph, work, done, chains)
+        graph.meta["factorization"] = info
         if not done:  # "(no change)" after a long analysis needs its reason
             why = (
                 f"factorize-rank changed nothing: none of the {len(nodes)} eligible conv2d/linear "
@@ -150,6 +207,37 @@ class FactorizeRank(Pass):
                 why += " (require_saving=False factorizes anyway)"
             graph.meta["notes"] = [*graph.meta.get("notes", ()), why]
         return bool(done)
+
+    def _refit(self, reference: Graph, work: Graph, data, chains: list[Chain]) -> dict:
+        result = refit_chains(
+            reference,
+            work,
+            data,
+            chains,
+            factors=self.reconstruct_factors,
+            ridge=self.reconstruct_ridge,
+            compensate_residual=self.reconstruct_residual,
+            skip_underdetermined=self.reconstruct is None,
+            progress=self.progress or pass_context().progress,
+        )
+        note = (
+            f"factorize-rank: refit {len(result.layers)} factor(s) of {len(chains)} layer(s) by "
+            f"least squares on {result.samples} calibration samples: output deviation "
+            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
+            f"({result.seconds:.1f} s)"
+        )
+        if result.skipped:
+            name, why = next(iter(result.skipped.items()))
+            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
+        work.meta["notes"] = [*work.meta.get("notes", ()), note]
+        return {
+            "factors": len(result.layers),
+            "skipped": dict(result.skipped),
+            "samples": result.samples,
+            "deviation_before": result.deviation_before,
+            "deviation_after": result.deviation_after,
+            "seconds": result.seconds,
+        }
 
     def _eligible(self, graph: Graph) -> list[Node]:
         out, matched = [], set()
@@ -220,54 +308,62 @@ class FactorizeRank(Pass):
                 "min_rank/round_to, or drop ignore patterns",
             ) from None
 
-    # -- calibration ------------------------------------------------------------------------------
-    def _second_moments(self, graph: Graph, nodes: list[Node]) -> dict[str, list[np.ndarray]]:
-        """Per layer and group, ``E[x x^T]`` of its input rows (im2col patches for convs)."""
-        from compiler.ir.interpreter import run
 
-        data = self.calibration_data
-        data = [np.asarray(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
-        batch = graph.inputs[0].shape[0]
-        if len(data) != len(graph.inputs) or len(data[0]) < batch:
-            raise OptionError(
-                f"calibration_data has {len(data)} array(s) of {len(data[0])} samples; the graph "
-                f"takes {len(graph.inputs)} input(s) with batch {batch}",
-                hint="give one array per graph input with at least one full batch of samples",
-            )
-        starts = range(0, len(data[0]) - batch + 1, batch)
-        per_batch = math.ceil(self.calibration_samples / len(starts))
-        rng = np.random.default_rng(self.seed)
-        sums: dict[str, list[np.ndarray]] = {}
-        counts: dict[str, int] = {}
-        nodes = [n for n in nodes if _input_dim(n) <= MAX_WHITENED_DIM]
-        keep = [n.inputs[0] for n in nodes]
-        for start in starts:
-            acts = run(graph, [d[start : start + batch] for d in data], keep=keep)
-            for node, act in zip(nodes, acts[len(graph.outputs) :]):
-                groups = _input_rows(node, act)
-                take = rng.choice(len(groups[0]), min(per_batch, len(groups[0])), replace=False)
-                parts = [g[take].astype(np.float64) for g in groups]
-                moments = sums.setdefault(node.name, [np.zeros((p.shape[1],) * 2) for p in parts])
-                for m, p in zip(moments, parts):
-                    m += p.T @ p
-                counts[node.name] = counts.get(node.name, 0) + len(take)
-        return {name: [m / counts[name] for m in ms] for name, ms in sums.items()}
+def _label(choice: rs.Choice) -> str:
+    return f"{choice.form} {'x'.join(map(str, choice.ranks))}"
 
 
-def _input_dim(node: Node) -> int:
+def _commit(graph: Graph, work: Graph, done: dict[str, str], chains: list[Chain]) -> None:
+    """Replace ``graph``'s factorized layers by ``work``'s (refit) factor chains, same names."""
+    nodes = {n.name: n for n in graph.nodes}
+    factors = {n.name: n for n in work.nodes}
+    for (name, label), chain in zip(done.items(), chains):
+        parts = [factors[f] for f in chain.names]
+        kernels = [
+            (f.inputs[1].data, {k: v for k, v in f.attrs.items() if k not in EPILOGUE})
+            for f in parts
+        ]
+        new = replace_by_chain(graph, nodes[name], kernels, label, chain.names)
+        bias, refit = new[-1].inputs[2:3], parts[-1].inputs[2:3]
+        if bias and bias[0] is not None and refit[0].data is not bias[0].data:
+            bias[0].data = refit[0].data  # the bias moved to the last factor and was refit
+    graph.meta["notes"] = list(work.meta.get("notes", ()))
+
+
+def replace_by_chain(
+    graph: Graph,
+    node: Node,
+    kernels: list[tuple[np.ndarray, dict]],
+    label: str,
+    names: list[str] | None = None,
+) -> list[Node]:
+    """Replace ``node`` by a chain of nodes of its op with these (weight, attributes), input side
+    first; the last takes the node's bias, residual and epilogue, every one its source. ``names``
+    are the nodes' names (``<node>_f1``, ``_f2``... by default)."""
     w = node.inputs[1]
-    return int(np.prod(w.shape[1:]))
-
-
-def _input_rows(node: Node, x: np.ndarray) -> list[np.ndarray]:
-    """The layer's input as rows matching its weight's flattened columns, one array per group."""
-    if node.op == "linear":
-        return [x.reshape(-1, x.shape[-1])]
-    a = node.attrs
-    _, cg, kh, kw = node.inputs[1].shape
-    cols = im2col(x, kh, kw, a["stride"], a["padding"], a["dilation"])  # (n, c, k, oh, ow)
-    rows = cols.transpose(0, 3, 4, 1, 2).reshape(-1, x.shape[1], kh * kw)
-    return [rows[:, g * cg : (g + 1) * cg].reshape(len(rows), -1) for g in range(a["groups"])]
+    epilogue = {k: node.attrs[k] for k in EPILOGUE if k in node.attrs}
+    base_meta = {k: node.meta[k] for k in ("source", "stack") if k in node.meta}
+    base_meta["factorized"] = label
+    y = node.inputs[0]
+    chain = []
+    for k, (array, attrs) in enumerate(kernels, start=1):
+        last = k == len(kernels)
+        name = names[k - 1] if names else f"{node.name}_f{k}"
+        weight = graph.constant(array.astype(w.dtype), f"{w.name}_f{k}")
+        new = graph.add_node(
+            node.op,
+            [y, weight, *(node.inputs[2:] if last else [])],
+            {**attrs, **(epilogue if last else {})},
+            name=name,
+            before=node,
+            meta={**node.meta, **base_meta} if last else dict(base_meta),
+        )
+        if new.name != name:  # both graphs come from one clone: their free names agree
+            raise PassError(f"factor node '{name}' is named '{new.name}' in graph '{graph.name}'")
+        chain.append(new)
+        y = new.outputs[0]
+    graph.replace_node(node, [y])
+    return chain
 
 
 def _allowed_ranks(full: int, min_rank: int, round_to: int, limit: int | None = None) -> np.ndarray:
@@ -285,7 +381,8 @@ def _round_up(r: int, full: int, opts: FactorizeRank) -> int:
 
 
 class Layer:
-    """One conv2d/linear: its unfoldings, costs and candidate factorizations."""
+    """One conv2d/linear: its unfoldings, costs and candidate factorizations. With ``moments``
+    (the second moment of its input rows, one per group) every form is data-aware."""
 
     def __init__(self, node: Node, moments: list[np.ndarray] | None, damping: float) -> None:
         self.node = node
@@ -294,6 +391,7 @@ class Layer:
         self.params = w.numel
         self.macs = int(np.prod(node.outputs[0].shape)) * int(np.prod(w.shape[1:]))
         self.groups = node.attrs.get("groups", 1) if node.op == "conv2d" else 1
+        self.moments, self.damping = moments, damping
         self.whiten = (
             None if moments is None else [rs.whitening_factor(m, damping) for m in moments]
         )
@@ -323,16 +421,32 @@ class Layer:
         if form == "spatial":
             return (self._spatial_svd().full_rank,)
         tucker = self._tucker()
-        return (tucker.u_out.shape[1], tucker.u_in.shape[1])
+        return (tucker.u_out.shape[1], tucker.first.shape[0])
 
     def forms(self, form: str) -> list[str]:
         if self.node.op == "linear":
             return ["channel"]
         kh, kw = self.w.shape[2:]
         possible = ["channel"]
-        if self.groups == 1 and self.whiten is None:
+        if self.groups == 1:
             possible += ["tucker2"] + (["spatial"] if kh > 1 and kw > 1 else [])
         return possible if form == "auto" else [f for f in possible if f == form]
+
+    def kept_outputs(self, choice: rs.Choice) -> list[np.ndarray | None]:
+        """Per factor, which outputs of the full-rank chain (same form) it computes: the factors
+        at a lower rank are leading slices of the full-rank ones (per group, grouped)."""
+        full = self.full_ranks(choice.form)
+        if choice.form == "tucker2":
+            return [np.arange(choice.ranks[1]), np.arange(choice.ranks[0]), None]
+        r, g = choice.ranks[0], self.groups
+        return [(np.arange(g)[:, None] * full[0] + np.arange(r)).ravel(), None]
+
+    def _moment_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Whitening factors of the ``kh x 1`` column patches and of one pixel's channels."""
+        if "blocks" not in self.svds:
+            blocks = rs.moment_blocks(self.moments[0], self.w.shape)
+            self.svds["blocks"] = tuple(rs.whitening_factor(m, self.damping) for m in blocks)
+        return self.svds["blocks"]
 
     # per-form candidates: cost formulas follow the factor chain's shapes
     def _geometry(self):
@@ -361,12 +475,17 @@ class Layer:
 
     def _spatial_svd(self) -> rs.Svd:
         if "spatial" not in self.svds:
-            self.svds["spatial"] = rs.Svd.of(rs.spatial_matrix(self.w))
+            left = None if self.whiten is None else self._moment_factors()[0]
+            self.svds["spatial"] = rs.Svd.of(rs.spatial_matrix(self.w), left=left)
         return self.svds["spatial"]
 
     def _tucker(self) -> rs.Tucker2:
         if "tucker2" not in self.svds:
-            self.svds["tucker2"] = rs.Tucker2.of(self.w)
+            if self.whiten is None:
+                self.svds["tucker2"] = rs.Tucker2.of(self.w)
+            else:
+                pixels = self._moment_factors()[1]
+                self.svds["tucker2"] = rs.Tucker2.of(self.w, self.whiten[0], pixels)
         return self.svds["tucker2"]
 
     def _channel_choices(self, ranks: np.ndarray) -> list[rs.Choice]:
@@ -378,7 +497,11 @@ class Layer:
         ]
 
     def _spatial_choices(self, ranks: np.ndarray) -> list[rs.Choice]:
-        errors = rs.relative_error_curve(self._spatial_svd().s)
+        svd = self._spatial_svd()
+        if self.whiten is None:
+            errors = rs.relative_error_curve(svd.s)
+        else:
+            errors = rs.spatial_error_curve(svd, self.w, self.whiten[0])
         n, c, _, wd, o, ho, wo = self._geometry()
         kh, kw = self.w.shape[2:]
         params = ranks * c * kh + o * ranks * kw
@@ -425,16 +548,16 @@ class Layer:
 
     def evbmf_ranks(self, form: str) -> tuple[int, ...]:
         """EVBMF's rank per unfolding: the (whitened) channel matrices (the largest over groups),
-        the spatial matrix, or Tucker-2's two channel modes."""
+        the (whitened) spatial matrix, or Tucker-2's two (whitened) channel modes."""
         if form == "channel":
-            return (max(rs.evbmf(s.u * s.s @ s.vt)[0] for s in self._channel_svds()),)
+            return (max(rs.evbmf(s.whitened())[0] for s in self._channel_svds()),)
         if form == "spatial":
-            return (rs.evbmf(rs.spatial_matrix(self.w))[0],)
+            return (rs.evbmf(self._spatial_svd().whitened())[0],)
         o, i = self.w.shape[:2]
-        return (
-            rs.evbmf(self.w.reshape(o, -1))[0],
-            rs.evbmf(self.w.transpose(1, 0, 2, 3).reshape(i, -1))[0],
-        )
+        flat, mode1 = self.w.reshape(o, -1), self.w.transpose(1, 0, 2, 3).reshape(i, -1)
+        if self.whiten is not None:
+            flat, mode1 = flat @ self.whiten[0], self._moment_factors()[1].T @ mode1
+        return (rs.evbmf(flat)[0], rs.evbmf(mode1)[0])
 
     # -- the rewrite ------------------------------------------------------------------------------
     def factor_kernels(self, choice: rs.Choice) -> list[tuple[np.ndarray, dict]]:
@@ -479,26 +602,10 @@ class Layer:
         spatial = {k: a[k] for k in ("stride", "padding", "dilation")}
         return [(first, {}), (core, spatial), (last, {})]
 
-    def rewrite(self, graph: Graph, choice: rs.Choice) -> None:
-        node = self.node
-        w = node.inputs[1]
-        epilogue = {k: node.attrs[k] for k in ("activation", "activation_attrs")}
-        base_meta = {k: node.meta[k] for k in ("source", "stack") if k in node.meta}
-        base_meta["factorized"] = f"{choice.form} {'x'.join(map(str, choice.ranks))}"
-        kernels = self.factor_kernels(choice)
-        y = node.inputs[0]
-        for k, (array, attrs) in enumerate(kernels, start=1):
-            last = k == len(kernels)
-            weight = graph.constant(array.astype(w.dtype), f"{w.name}_f{k}")
-            inputs = [y, weight, *(node.inputs[2:] if last else [])]
-            meta = {**node.meta, **base_meta} if last else dict(base_meta)
-            new = graph.add_node(
-                node.op,
-                inputs,
-                {**attrs, **(epilogue if last else {})},
-                name=f"{node.name}_f{k}",
-                before=node,
-                meta=meta,
-            )
-            y = new.outputs[0]
-        graph.replace_node(node, [y])
+    def rewrite(
+        self, graph: Graph, choice: rs.Choice, node: Node | None = None, names=None
+    ) -> list[Node]:
+        """Replace the layer (or ``node``, its counterpart in a copy of the graph) by the chain
+        of ``choice``; returns the factor nodes."""
+        node = node or self.node
+        return replace_by_chain(graph, node, self.factor_kernels(choice), _label(choice), names)

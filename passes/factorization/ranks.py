@@ -4,8 +4,18 @@ adapter on compiler/analysis/allocate.py). The ``factorize-rank`` pass
 (passes/factorization/factorize.py) builds on these.
 
 Errors are *relative squared* errors: ``||W - W_r||^2 / ||W||^2`` for weights, or, with a whitening
-factor ``L`` of the layer's input second moment ``E[x x^T] = L L^T``, ``||(W - W_r) L||^2 /
-||W L||^2``, which is the layer's expected squared output error relative to its output energy.
+factor ``L`` of the layer's input second moment ``E[x x^T] = L L^T`` (x: an im2col patch of the
+input), ``||(W - W_r) L||^2 / ||W L||^2``, which is the layer's expected squared output error
+relative to its output energy. Data-aware, every form is measured that way, so forms compare:
+
+- channel: the SVD of ``W L`` (``W ~= (U_r S_r)(V_r^T L^-1)``) is optimal and its error is its
+  discarded spectrum;
+- spatial: the SVD of ``L_v^T M`` with ``L_v`` whitening the ``kh x 1`` column patches (the input of
+  the first factor; the cross terms between columns are left out of the choice of factors, not out
+  of the error, which :func:`spatial_error_curve` measures with the full ``L``);
+- Tucker-2: the output basis spans the top of ``W L``, the input projection keeps the input channel
+  directions ``W`` reads most (the SVD of ``L_c^T W_(1)``, ``L_c`` whitening one pixel's channels),
+  and :meth:`Tucker2.error_grid` measures every rank pair with the full ``L``.
 """
 
 from __future__ import annotations
@@ -69,31 +79,50 @@ def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @dataclass
 class Svd:
-    """``matrix @ whiten = u @ diag(s) @ vt`` (``whiten`` = identity when None)."""
+    """``left^T @ matrix @ whiten = u @ diag(s) @ vt`` (each whitening the identity when None).
+
+    ``whiten`` (right) is a factor of the second moment of the vectors the matrix multiplies from
+    the right (a layer's input rows for ``W``); ``left`` whitens the row space instead (the spatial
+    form's ``(C_in kh, C_out kw)`` matrix, whose rows index the input).
+    """
 
     u: np.ndarray
     s: np.ndarray
     vt: np.ndarray
     whiten: np.ndarray | None = None
+    left: np.ndarray | None = None
 
     @classmethod
-    def of(cls, matrix: np.ndarray, whiten: np.ndarray | None = None) -> Svd:
+    def of(
+        cls, matrix: np.ndarray, whiten: np.ndarray | None = None, left: np.ndarray | None = None
+    ) -> Svd:
         m = np.asarray(matrix, dtype=np.float64)
-        u, s, vt = thin_svd(m if whiten is None else m @ whiten)
-        return cls(u, s, vt, whiten)
+        if whiten is not None:
+            m = m @ whiten
+        if left is not None:
+            m = left.T @ m
+        u, s, vt = thin_svd(m)
+        return cls(u, s, vt, whiten, left)
 
     @property
     def full_rank(self) -> int:
         return len(self.s)
 
+    def whitened(self) -> np.ndarray:
+        """The whitened matrix ``left^T @ matrix @ whiten`` itself."""
+        return self.u * self.s @ self.vt
+
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``(a, b)`` with ``matrix ~= a @ b``, ``a`` (m, rank), ``b`` (rank, n), balanced: both
-        carry ``sqrt(s)``, so neither factor's scale dwarfs the other's when fine-tuned."""
+        carry ``sqrt(s)``, so neither factor's scale dwarfs the other's when fine-tuned. The
+        factors at rank r are the first r columns of ``a`` and rows of ``b`` at full rank."""
         root = np.sqrt(self.s[:rank])
         a = self.u[:, :rank] * root
         b = root[:, None] * self.vt[:rank]
         if self.whiten is not None:  # b = (V_r^T S^1/2) L^-1, solved rather than inverted
             b = np.linalg.solve(self.whiten.T, b.T).T
+        if self.left is not None:  # a = L^-T (U_r S^1/2)
+            a = np.linalg.solve(self.left.T, a)
         return a, b
 
 
@@ -145,34 +174,107 @@ def spatial_kernels(svd: Svd, rank: int, w_shape: tuple) -> tuple[np.ndarray, np
     return vertical, horizontal
 
 
+def moment_blocks(moment: np.ndarray, w_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """From the second moment of a conv's ``(C_in, kh, kw)`` input patches: the second moment of
+    its ``(C_in, kh)`` column patches (averaged over the kernel's columns) and of one pixel's
+    ``C_in`` channels (averaged over the kernel's positions)."""
+    _, i, kh, kw = w_shape
+    m = np.asarray(moment, np.float64).reshape(i, kh, kw, i, kh, kw)
+    columns = np.einsum("ayxbzx->aybz", m).reshape(i * kh, i * kh) / kw
+    pixels = np.einsum("ayxbyx->ab", m) / (kh * kw)
+    return columns, pixels
+
+
+def spatial_error_curve(svd: Svd, w: np.ndarray, whiten: np.ndarray) -> np.ndarray:
+    """Relative output error ``||(W - W_r) L||^2 / ||W L||^2`` of the spatial factorization in
+    ``svd`` (of ``spatial_matrix(w)``) at rank 1..R, ``L`` whitening the layer's im2col patches."""
+    o, i, kh, kw = w.shape
+    d = i * kh * kw
+    a, b = svd.factors(svd.full_rank)  # component j: W_j[o, (i, y), x] = a[(i, y), j] b[j, (o, x)]
+    psi = np.einsum("pj,pxd->jxd", a, whiten.reshape(i * kh, kw, d), optimize=True)
+    parts = b.reshape(-1, o, kw)
+    residual = np.asarray(w, np.float64).reshape(o, d) @ whiten
+    total = max(float((residual**2).sum()), 1e-300)
+    errors = np.empty(svd.full_rank)
+    for j in range(svd.full_rank):
+        residual -= parts[j] @ psi[j]
+        errors[j] = float((residual**2).sum())
+    return np.maximum(errors / total, 0.0)
+
+
 @dataclass
 class Tucker2:
-    """HOSVD of a conv kernel on its two channel modes: ``W ~= core x0 U_out x1 U_in``."""
+    """HOSVD of a conv kernel on its two channel modes: ``W ~= core x0 U_out x1 E``, read as
+    ``conv1x1(first) -> conv_kxk(core) -> conv1x1(U_out)`` with ``first`` the input projection.
+
+    Weight-only, ``U_out`` and ``E = first^T`` are the leading singular vectors of the two channel
+    unfoldings. Data-aware (``whiten``: the im2col patches' factor ``L``, ``channel_whiten``: one
+    pixel's channels' ``L_c``), ``U_out`` spans the top of ``W L`` (the output's principal
+    directions) and the input projection ``E first = L_c V V^T L_c^-1`` keeps the leading left
+    singular vectors ``V`` of ``L_c^T W_(1)``. Ranks ``(r_out, r_in)`` take the first columns of
+    ``U_out``, the first rows of ``first`` and ``core[:r_out, :r_in]``.
+    """
 
     u_out: np.ndarray  # (C_out, R_out)
-    u_in: np.ndarray  # (C_in, R_in)
+    first: np.ndarray  # (R_in, C_in)
+    expand: np.ndarray  # (C_in, R_in)
     core: np.ndarray  # (R_out, R_in, kh, kw), the full core
-    total: float  # ||W||^2
+    w: np.ndarray
+    whiten: np.ndarray | None = None
 
     @classmethod
-    def of(cls, w: np.ndarray) -> Tucker2:
+    def of(
+        cls,
+        w: np.ndarray,
+        whiten: np.ndarray | None = None,
+        channel_whiten: np.ndarray | None = None,
+    ) -> Tucker2:
         w = np.asarray(w, np.float64)
         o, i = w.shape[:2]
-        u_out = left_singular(w.reshape(o, -1))[0][:, : min(o, w[0].size)]
-        u_in = left_singular(w.transpose(1, 0, 2, 3).reshape(i, -1))[0][:, : min(i, w.size // i)]
-        core = np.einsum("oiyx,or,is->rsyx", w, u_out, u_in, optimize=True)
-        return cls(u_out, u_in, core, float((w * w).sum()))
+        flat = w.reshape(o, -1)
+        mode1 = w.transpose(1, 0, 2, 3).reshape(i, -1)
+        r_out, r_in = min(o, w[0].size), min(i, w.size // i)
+        if whiten is None or channel_whiten is None:
+            u_out = left_singular(flat)[0][:, :r_out]
+            u_in = left_singular(mode1)[0][:, :r_in]
+            first, expand, whiten = u_in.T, u_in, None
+        else:
+            u_out = left_singular(flat @ whiten)[0][:, :r_out]
+            v = left_singular(channel_whiten.T @ mode1)[0][:, :r_in]
+            first = np.linalg.solve(channel_whiten.T, v).T  # V^T L_c^-1
+            expand = channel_whiten @ v
+        core = np.einsum("oiyx,or,is->rsyx", w, u_out, expand, optimize=True)
+        return cls(u_out, first, expand, core, w, whiten)
 
     def error_grid(self) -> np.ndarray:
-        """Relative squared error at ranks ``(r_out, r_in)`` (index ``[r_out-1, r_in-1]``): the
-        bases are orthonormal, so the error is ``1 - ||core[:r_out, :r_in]||^2 / ||W||^2``."""
-        energy = (self.core**2).sum(axis=(2, 3))
-        kept = energy.cumsum(0).cumsum(1)
-        return np.maximum(1.0 - kept / max(self.total, 1e-300), 0.0)
+        """Relative squared error at ranks ``(r_out, r_in)`` (index ``[r_out-1, r_in-1]``).
+
+        Weight-only the bases are orthonormal: ``1 - ||core[:r_out, :r_in]||^2 / ||W||^2``.
+        Data-aware, with ``P`` the output projection and ``Q`` the input one, ``W - P W Q`` splits
+        into ``(I - P) W`` and ``P W (I - Q)``, orthogonal in the output metric: the first is the
+        output spectrum discarded, the second is summed per output direction as the input rank
+        grows.
+        """
+        if self.whiten is None:
+            energy = (self.core**2).sum(axis=(2, 3))
+            kept = energy.cumsum(0).cumsum(1)
+            return np.maximum(1.0 - kept / max(float((self.w**2).sum()), 1e-300), 0.0)
+        o, i, kh, kw = self.w.shape
+        k, d = kh * kw, i * kh * kw
+        projected = self.u_out.T @ (self.w.reshape(o, d) @ self.whiten)  # (R_out, d)
+        total = max(float(((self.w.reshape(o, d) @ self.whiten) ** 2).sum()), 1e-300)
+        out_error = total - np.cumsum((projected**2).sum(axis=1))
+        phi = np.einsum("si,ikd->skd", self.first, self.whiten.reshape(i, k, d), optimize=True)
+        core = self.core.reshape(*self.core.shape[:2], k)
+        grid = np.empty(self.core.shape[:2])
+        for s in range(grid.shape[1]):
+            projected = projected - core[:, s] @ phi[s]
+            grid[:, s] = out_error + np.cumsum((projected**2).sum(axis=1))
+        return np.maximum(grid / total, 0.0)
 
     def kernels(self, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(r_in, C_in, 1, 1)``, ``(r_out, r_in, kh, kw)`` and ``(C_out, r_out, 1, 1)``."""
-        first = self.u_in[:, :r_in].T[:, :, None, None]
+        first = self.first[:r_in][:, :, None, None]
         last = self.u_out[:, :r_out][:, :, None, None]
         return first, self.core[:r_out, :r_in], last
 
