@@ -99,7 +99,7 @@ def load_example(name):
 
 def test_every_example_is_tested():
     examples = {p.stem for p in (ROOT / "examples").glob("*.py")}
-    tested = {"quickstart", "custom_pass", "prune_resnet56"}
+    tested = {"quickstart", "custom_pass", "prune_resnet56", "reconstruct_resnet"}
     assert examples <= tested, f"add a test for {examples - tested}"
 
 
@@ -134,6 +134,19 @@ def test_example_prune_resnet56(tmp_path):
     from compiler.report import graph_stats
 
     assert graph_stats(final.graph).macs < 0.55 * 125_489_792
+
+
+def test_example_reconstruct_resnet():
+    from benchmarks.harness import cifar
+
+    if not cifar.data_available(
+        "cifar10/test_dev_2k.npz", "cifar10/train_20k.npz", "resnet_cifar10"
+    ):
+        pytest.skip(f"no CIFAR data under {cifar.data_dir()} (set SLIMGRAPH_DATA)")
+    results = load_example("reconstruct_resnet").main(samples=128, images=500)
+    # pruned to 0.7 of the MACs and int8: reconstruction is what keeps it near the float model
+    assert results["reconstructed"] > results["weights only"] + 5
+    assert results["reconstructed"] > results["float"] - 15
 
 
 def test_cli_pass_options(tmp_path, capsys):
