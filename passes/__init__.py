@@ -12,6 +12,7 @@ def load() -> None:
     import passes.cleanup
     import passes.factorization.factorize
     import passes.fusion
+    import passes.pruning.blocks
     import passes.pruning.prune
     import passes.quantization.equalization
     import passes.quantization.quantize
