@@ -686,12 +686,7 @@ class ShareWeights(Pass):
         for method in solver.methods.values():
             methods[method] = methods.get(method, 0) + 1
         return {
-            "layers": len(result.layers),
-            "skipped": dict(result.skipped),
-            "samples": result.samples,
-            "deviation_before": result.deviation_before,
-            "deviation_after": result.deviation_after,
-            "seconds": result.seconds,
+            **result.summary(),
             "methods": methods,
             "per_layer": {f.name: (f.before, f.after) for f in result.layers},
         }

@@ -79,6 +79,29 @@ class Reconstruction:
     samples: int = 0
     seconds: float = 0.0
 
+    def summary(self) -> dict:
+        """What a pass records in ``graph.meta``: layers, skipped, samples, deviations, seconds."""
+        return {
+            "layers": len(self.layers),
+            "skipped": dict(self.skipped),
+            "samples": self.samples,
+            "deviation_before": self.deviation_before,
+            "deviation_after": self.deviation_after,
+            "seconds": self.seconds,
+        }
+
+    def note(self, what: str) -> str:
+        """The report line: ``"<what> on N calibration samples: output deviation a -> b (s)"``,
+        plus how many layers were skipped and why the first was."""
+        note = (
+            f"{what} on {self.samples} calibration samples: output deviation "
+            f"{self.deviation_before:.3g} -> {self.deviation_after:.3g} ({self.seconds:.1f} s)"
+        )
+        if self.skipped:
+            name, why = next(iter(self.skipped.items()))
+            note += f"; {len(self.skipped)} skipped (e.g. {name}: {why})"
+        return note
+
 
 def _default_run_node(node: Node, args: list) -> list:
     return get_op(node.op).run(args, node.attrs)

@@ -220,24 +220,13 @@ class FactorizeRank(Pass):
             skip_underdetermined=self.reconstruct is None,
             progress=self.progress or pass_context().progress,
         )
-        note = (
+        note = result.note(
             f"factorize-rank: refit {len(result.layers)} factor(s) of {len(chains)} layer(s) by "
-            f"least squares on {result.samples} calibration samples: output deviation "
-            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
-            f"({result.seconds:.1f} s)"
+            "least squares"
         )
-        if result.skipped:
-            name, why = next(iter(result.skipped.items()))
-            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
         work.meta["notes"] = [*work.meta.get("notes", ()), note]
-        return {
-            "factors": len(result.layers),
-            "skipped": dict(result.skipped),
-            "samples": result.samples,
-            "deviation_before": result.deviation_before,
-            "deviation_after": result.deviation_after,
-            "seconds": result.seconds,
-        }
+        summary = result.summary()
+        return {"factors": summary.pop("layers"), **summary}
 
     def _eligible(self, graph: Graph) -> list[Node]:
         out, matched = [], set()

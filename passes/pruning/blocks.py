@@ -324,23 +324,11 @@ class PruneBlocks(Pass):
             run_node=node_runner(),
             progress=self.progress or pass_context().progress,
         )
-        graph.meta["prune_blocks"]["reconstruction"] = {
-            "layers": len(result.layers),
-            "skipped": dict(result.skipped),
-            "samples": result.samples,
-            "deviation_before": result.deviation_before,
-            "deviation_after": result.deviation_after,
-            "seconds": result.seconds,
-        }
-        note = (
+        graph.meta["prune_blocks"]["reconstruction"] = result.summary()
+        note = result.note(
             f"prune-blocks: refit {len(result.layers)} layer(s) after the removed blocks by "
-            f"least squares on {result.samples} calibration samples: output deviation "
-            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
-            f"({result.seconds:.1f} s)"
+            "least squares"
         )
-        if result.skipped:
-            name, why = next(iter(result.skipped.items()))
-            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
         _note(graph, note)
 
 

@@ -165,23 +165,8 @@ class PruneChannels(Pass):
             compensate_residual=self.reconstruct_residual,
             progress=self.progress or pass_context().progress,
         )
-        graph.meta["pruning"]["reconstruction"] = {
-            "layers": len(result.layers),
-            "skipped": dict(result.skipped),
-            "samples": result.samples,
-            "deviation_before": result.deviation_before,
-            "deviation_after": result.deviation_after,
-            "seconds": result.seconds,
-        }
-        note = (
-            f"prune-channels: refit {len(result.layers)} layer(s) by least squares on "
-            f"{result.samples} calibration samples: output deviation "
-            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
-            f"({result.seconds:.1f} s)"
-        )
-        if result.skipped:
-            name, why = next(iter(result.skipped.items()))
-            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
+        graph.meta["pruning"]["reconstruction"] = result.summary()
+        note = result.note(f"prune-channels: refit {len(result.layers)} layer(s) by least squares")
         graph.meta["notes"] = [*graph.meta.get("notes", ()), note]
 
     def _eligible(self, graph: Graph, analysis: ChannelGroups) -> list[Group]:

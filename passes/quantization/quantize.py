@@ -243,24 +243,10 @@ class Quantize(Pass):
             solver=solver,
             progress=self.progress or pass_context().progress,
         )
-        graph.meta["quantization"]["reconstruction"] = {
-            "method": "adaround",
-            "layers": len(result.layers),
-            "skipped": dict(result.skipped),
-            "samples": result.samples,
-            "deviation_before": result.deviation_before,
-            "deviation_after": result.deviation_after,
-            "seconds": result.seconds,
-        }
-        note = (
-            f"quantize: learned rounding (AdaRound) of {len(result.layers)} layer(s) on "
-            f"{result.samples} calibration samples: output deviation "
-            f"{result.deviation_before:.3g} -> {result.deviation_after:.3g} "
-            f"({result.seconds:.1f} s)"
+        graph.meta["quantization"]["reconstruction"] = {"method": "adaround", **result.summary()}
+        note = result.note(
+            f"quantize: learned rounding (AdaRound) of {len(result.layers)} layer(s)"
         )
-        if result.skipped:
-            name, why = next(iter(result.skipped.items()))
-            note += f"; {len(result.skipped)} skipped (e.g. {name}: {why})"
         graph.meta["notes"] = [*graph.meta.get("notes", ()), note]
 
     def _activations(self, graph: Graph, layers: list[Node], adds: list[Node]) -> list[Value]:
